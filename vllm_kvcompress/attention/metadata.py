@@ -1,0 +1,61 @@
+"""What one forward step needs to attend per head, built by the model runner.
+
+Every (request, KV head) is a one-head sequence: its own block-table row and
+length in the pool of head-blocks. Row ``r * H + h`` is request r's KV head h.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .pool import HeadBlockCache
+
+
+@dataclass
+class HeadPagedMetadata:
+    pool: HeadBlockCache
+    num_actual_tokens: int
+    num_kv_heads: int
+    # [L, R*H, max_blocks] int32: per-layer block-table rows.
+    block_tables: torch.Tensor
+    # [L, R*H] int32: KVs per head after this step's tokens are written.
+    seq_lens: torch.Tensor
+    # [R*H + 1] int32: query offsets of the one-head sequences.
+    query_start_loc: torch.Tensor
+    max_query_len: int
+    # Maps head-major query rows (r, h, token) to rows of the [T*H, G, D]
+    # token-major view; None when every request has one query (decode).
+    head_major_rows: torch.Tensor | None
+    layer_index: dict[str, int]
+    # Per-layer values derived lazily by the attention path (e.g. the C++
+    # kernel's work split), shared by layers whose lengths are equal.
+    layer_cache: dict = field(default_factory=dict)
+
+    def to_head_major(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, H*G, D] token-major -> [T*H, G, D] grouped by (request, head)."""
+        t = self.num_actual_tokens
+        rows = x[:t].reshape(t * self.num_kv_heads, -1, x.shape[-1])
+        return rows if self.head_major_rows is None else rows[self.head_major_rows]
+
+    def store_token_major(self, out: torch.Tensor, heads: torch.Tensor) -> None:
+        """Write head-major results ``heads`` back into ``out`` [T, H*G, D]."""
+        t = self.num_actual_tokens
+        rows = out[:t].view(t * self.num_kv_heads, -1, out.shape[-1])
+        if self.head_major_rows is None:
+            rows.copy_(heads)
+        else:
+            rows[self.head_major_rows] = heads
+
+
+_current: HeadPagedMetadata | None = None
+
+
+def set_current(metadata: HeadPagedMetadata | None) -> None:
+    global _current
+    _current = metadata
+
+
+def current() -> HeadPagedMetadata | None:
+    return _current

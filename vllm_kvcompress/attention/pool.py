@@ -1,0 +1,43 @@
+"""The head-block pool tensor: vLLM's KV allocation seen as one-head blocks.
+
+vLLM allocates one int8 buffer for every layer's KV cache. Viewed as
+``[P, 1, block_size, 2 * head_dim]`` (P = layers x token-blocks x KV heads) it
+is a pool of head-blocks that any layer may use, laid out exactly like the
+stock CPU backend's per-layer cache with one KV head, so vLLM's own kernels
+read and write it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HeadBlockCache:
+    def __init__(self, storage_owner: torch.Tensor, num_head_blocks: int,
+                 block_size: int, head_dim: int, dtype: torch.dtype):
+        storage = storage_owner.untyped_storage()
+        elem = torch.empty(0, dtype=dtype).element_size()
+        need = num_head_blocks * block_size * 2 * head_dim * elem
+        if storage.nbytes() < need:
+            raise RuntimeError(
+                f"KV buffer holds {storage.nbytes()} bytes, the head-block pool "
+                f"needs {need}"
+            )
+        self.kv = torch.empty(0, dtype=dtype, device=storage_owner.device).set_(
+            storage, 0, (num_head_blocks, 1, block_size, 2 * head_dim)
+        )
+        self.num_head_blocks = num_head_blocks
+        self.block_size = block_size
+        self.head_dim = head_dim
+
+    @classmethod
+    def empty(cls, num_head_blocks: int, block_size: int, head_dim: int,
+              dtype: torch.dtype) -> "HeadBlockCache":
+        """A fresh zeroed pool (tests)."""
+        buf = torch.zeros(num_head_blocks * block_size * 2 * head_dim, dtype=dtype)
+        return cls(buf, num_head_blocks, block_size, head_dim, dtype)
+
+    def key_value(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value views ``[P, 1, block_size, head_dim]`` each."""
+        p, _, n, _ = self.kv.shape
+        return self.kv.view(p, 1, 2 * n, self.head_dim).chunk(2, dim=2)

@@ -1,0 +1,62 @@
+"""Plain-torch per-head paged attention: the test oracle for the fast paths.
+
+Same signatures as ``cpu_paged``; K and V are stored row-major in the pool's
+key/value views, so this path must only read what it wrote itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .metadata import HeadPagedMetadata
+from .pool import HeadBlockCache
+
+
+def write_cache(pool: HeadBlockCache, key: torch.Tensor, value: torch.Tensor,
+                slot_mapping: torch.Tensor, isa: str = "", **_: object) -> None:
+    """Store ``key``/``value`` [T, H, D] at per-head slots [T, H] (-1 skips)."""
+    key_cache, value_cache = pool.key_value()
+    t, h, d = key.shape
+    slots = slot_mapping[:t].reshape(-1)
+    keep = slots >= 0
+    slots = slots[keep]
+    blocks, offsets = slots // pool.block_size, slots % pool.block_size
+    key_cache[blocks, 0, offsets] = key.reshape(-1, d)[keep].to(key_cache.dtype)
+    value_cache[blocks, 0, offsets] = value.reshape(-1, d)[keep].to(value_cache.dtype)
+
+
+def gather_head(pool: HeadBlockCache, block_row: torch.Tensor, length: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``length`` keys and values [length, D] of one head."""
+    key_cache, value_cache = pool.key_value()
+    num_blocks = -(-length // pool.block_size)
+    ids = block_row[:num_blocks].long()
+    keys = key_cache[ids, 0].reshape(-1, pool.head_dim)[:length]
+    values = value_cache[ids, 0].reshape(-1, pool.head_dim)[:length]
+    return keys, values
+
+
+def attend(pool: HeadBlockCache, meta: HeadPagedMetadata, layer: int,
+           query: torch.Tensor, output: torch.Tensor, scale: float,
+           isa: str = "", **_: object) -> None:
+    """Causal attention of ``query`` [T, H*G, D] over each head's own KVs."""
+    q = meta.to_head_major(query)
+    heads_out = torch.empty_like(q)
+    starts = meta.query_start_loc.tolist()
+    lengths = meta.seq_lens[layer].tolist()
+    for row, length in enumerate(lengths):
+        lo, hi = starts[row], starts[row + 1]
+        if hi == lo:
+            continue
+        keys, values = gather_head(pool, meta.block_tables[layer, row], length)
+        queries = q[lo:hi].float()  # [c, G, D]
+        scores = torch.einsum("cgd,kd->cgk", queries, keys.float()) * scale
+        visible = torch.arange(length)[None, :] <= (
+            length - (hi - lo) + torch.arange(hi - lo)
+        )[:, None]
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1)
+        heads_out[lo:hi] = torch.einsum("cgk,kd->cgd", probs, values.float()).to(
+            q.dtype
+        )
+    meta.store_token_major(output, heads_out)

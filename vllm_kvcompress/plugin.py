@@ -1,0 +1,130 @@
+"""The ``vllm.general_plugins`` entry point: adds the CLI flags and the
+``LLM(kv_compress_rate=...)`` keyword, and hooks engine-config creation.
+
+vLLM has no public hook for new engine arguments, so three ``EngineArgs``
+methods and its constructor are wrapped (once per process). Without
+``kv_compress_rate`` every wrapper passes straight through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+from .config import (
+    DEBUG_KEY,
+    RATE_KEY,
+    KVCompressConfig,
+    KVCompressConfigError,
+    flag_name,
+    parse_rate,
+)
+
+_PATCHED_ATTR = "_kv_compress_patched"
+KEYWORDS = (RATE_KEY, DEBUG_KEY)
+
+
+def register() -> None:
+    """Entry point; safe to call any number of times in any process."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, _PATCHED_ATTR, False):
+        return
+    _patch_constructors()
+    _patch_cli(EngineArgs)
+    _patch_create_engine_config(EngineArgs)
+    setattr(EngineArgs, _PATCHED_ATTR, True)
+
+
+def _move_keywords(kwargs: dict) -> None:
+    """Move ``kv_compress_*`` keywords into ``additional_config``."""
+    found = {k: kwargs.pop(k) for k in KEYWORDS if k in kwargs}
+    if found.get(RATE_KEY) is None and not found.get(DEBUG_KEY):
+        return
+    extra = dict(kwargs.get("additional_config") or {})
+    extra.update({k: v for k, v in found.items() if v is not None})
+    kwargs["additional_config"] = extra
+
+
+def _patch_constructors() -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+
+    for cls in (EngineArgs, AsyncEngineArgs):
+        if "__init__" in cls.__dict__ and not getattr(
+            cls.__init__, _PATCHED_ATTR, False
+        ):
+            original = cls.__init__
+
+            @functools.wraps(original)
+            def init(self, *args, __original=original, **kwargs):
+                _move_keywords(kwargs)
+                __original(self, *args, **kwargs)
+
+            setattr(init, _PATCHED_ATTR, True)
+            cls.__init__ = init
+
+
+def _rate_arg(value: str) -> float:
+    try:
+        return parse_rate(value)
+    except KVCompressConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _patch_cli(engine_args_cls) -> None:
+    original_add = engine_args_cls.add_cli_args
+    original_from = engine_args_cls.from_cli_args.__func__
+
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original_add(parser, *args, **kwargs)
+        group = parser.add_argument_group(
+            title="KVCompress",
+            description="Per-head KV-cache compression (vllm_kvcompress plugin).",
+        )
+        group.add_argument(
+            flag_name(RATE_KEY),
+            type=_rate_arg,
+            default=None,
+            help="Turn KV-cache compression on and keep about 1/RATE of the "
+            "compressible KVs of each request (a number >= 1; 1 evicts "
+            "nothing but runs the per-head paged cache).",
+        )
+        group.add_argument(
+            flag_name(DEBUG_KEY),
+            action="store_true",
+            default=False,
+            help="Check the head-block books after every engine step "
+            "(slow; for tests and debugging).",
+        )
+        return parser
+
+    def from_cli_args(cls, args: argparse.Namespace):
+        engine_args = original_from(cls, args)
+        values = {k: getattr(args, k, None) for k in KEYWORDS}
+        if values[RATE_KEY] is not None or values[DEBUG_KEY]:
+            extra = dict(engine_args.additional_config or {})
+            extra.update({k: v for k, v in values.items() if v})
+            engine_args.additional_config = extra
+        return engine_args
+
+    engine_args_cls.add_cli_args = staticmethod(add_cli_args)
+    engine_args_cls.from_cli_args = classmethod(from_cli_args)
+
+
+def _patch_create_engine_config(engine_args_cls) -> None:
+    original = engine_args_cls.create_engine_config
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        from . import engine_config
+
+        config = KVCompressConfig.from_additional_config(self.additional_config)
+        if config is None:
+            return original(self, *args, **kwargs)
+        engine_config.check_engine_args(self)
+        engine_config.apply_engine_args(self, config)
+        vllm_config = original(self, *args, **kwargs)
+        engine_config.check_vllm_config(vllm_config)
+        return vllm_config
+
+    engine_args_cls.create_engine_config = create_engine_config

@@ -1,0 +1,123 @@
+"""Model runner that mirrors the scheduler's per-head tables and prepares the
+per-head slot mappings and attention metadata of every step."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+from .attention.metadata import set_current
+from .attention.pool import HeadBlockCache
+from .block_manager import PoolBooksError
+from .config import KVCompressConfig
+from .head_table import HeadTable
+from .protocol import STEP_ATTR, StepMessage
+from .scheduler import pool_from_kv_cache_config
+from .step_builder import build_step
+
+
+
+class KVCompressModelRunner(CPUModelRunner):
+    def __init__(self, vllm_config, device):
+        super().__init__(vllm_config, device)
+        self.kv_compress = KVCompressConfig.from_additional_config(
+            vllm_config.additional_config
+        )
+        self.head_tables: dict[str, HeadTable] = {}
+        self.head_cache: HeadBlockCache | None = None
+        self._step: StepMessage | None = None
+        self._scheduler_output = None
+
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        pool = pool_from_kv_cache_config(kv_cache_config)
+        group = kv_cache_config.kv_cache_groups[0]
+        self.kv_layer_names = list(group.layer_names)
+        self.layer_index = {name: i for i, name in enumerate(self.kv_layer_names)}
+        self.num_kv_layers, self.num_kv_heads = pool.num_layers, pool.num_kv_heads
+        self.head_block_size = pool.block_size
+        context = self.compilation_config.static_forward_context
+        self.head_cache = HeadBlockCache(
+            context[self.kv_layer_names[0]].kv_cache,
+            pool.num_head_blocks,
+            pool.block_size,
+            group.kv_cache_spec.head_size,
+            group.kv_cache_spec.dtype,
+        )
+
+    # ------------------------------------------------------------ a step
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        step = getattr(scheduler_output, STEP_ATTR, None)
+        if step is None:
+            raise RuntimeError(
+                "SchedulerOutput carries no head-block message: KV compression "
+                "needs vllm_kvcompress's scheduler (--scheduler-cls was changed?)"
+            )
+        self._apply_grants(scheduler_output, step)
+        self._step, self._scheduler_output = step, scheduler_output
+        try:
+            return super().execute_model(scheduler_output, intermediate_tensors)
+        finally:
+            self._step = self._scheduler_output = None
+            set_current(None)
+
+    def _apply_grants(self, scheduler_output, step: StepMessage) -> None:
+        gone = set(scheduler_output.finished_req_ids)
+        gone |= set(scheduler_output.preempted_req_ids or ())
+        for req_id in gone:
+            self.head_tables.pop(req_id, None)
+        for req_id, grants in step.grants.items():
+            for grant in grants:
+                if grant.fresh:
+                    self.head_tables[req_id] = HeadTable(
+                        self.num_kv_layers, self.num_kv_heads, self.head_block_size
+                    )
+                self.head_tables[req_id].append_blocks(grant.counts, grant.block_ids)
+
+    def _get_slot_mappings(self, num_tokens_padded, num_reqs_padded,
+                           num_tokens_unpadded, ubatch_slices=None):
+        if ubatch_slices is not None:
+            raise NotImplementedError("KV compression does not support micro-batching")
+        if self._step is None:
+            # Profiling or warm-up: the model runs, but nothing is cached.
+            slots = torch.full(
+                (self.num_kv_layers, num_tokens_padded, self.num_kv_heads), -1,
+                dtype=torch.int64,
+            )
+        else:
+            num_reqs = self.input_batch.num_reqs
+            req_ids = self.input_batch.req_ids[:num_reqs]
+            scheduled = self._scheduler_output.num_scheduled_tokens
+            metadata, slots = build_step(
+                [self.head_tables[r] for r in req_ids],
+                [scheduled[r] for r in req_ids],
+                num_tokens_padded,
+                self.head_cache,
+                self.layer_index,
+            )
+            set_current(metadata)
+            if self._step.expected is not None:
+                self._check_against_scheduler(self._step.expected)
+        by_layer = {name: slots[i] for i, name in enumerate(self.kv_layer_names)}
+        return {0: slots[0]}, by_layer
+
+    def _check_against_scheduler(self, expected) -> None:
+        """Debug mode: our tables equal the scheduler's, request by request."""
+        for req_id, books in expected.items():
+            table = self.head_tables.get(req_id)
+            if table is None:
+                raise PoolBooksError(f"worker has no head table for {req_id}")
+            mask = np.arange(books.table.shape[2]) < books.nblocks[..., None]
+            width = books.table.shape[2]
+            ours = table.table[:, :, :width] if table.table.shape[2] >= width else None
+            if (
+                not np.array_equal(table.lens, books.lens)
+                or not np.array_equal(table.nblocks, books.nblocks)
+                or ours is None
+                or not np.array_equal(ours[mask], books.table[mask])
+            ):
+                raise PoolBooksError(
+                    f"scheduler and worker disagree on the head tables of {req_id}"
+                )

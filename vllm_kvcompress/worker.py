@@ -1,0 +1,29 @@
+"""CPU worker for compression: registers the per-head attention backend and
+runs ``KVCompressModelRunner``. Chosen through ``--worker-cls`` by the plugin."""
+
+from __future__ import annotations
+
+import torch
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from .attention.backend import BACKEND_PATH
+
+
+class KVCompressCPUWorker(CPUWorker):
+    def __init__(self, *args, **kwargs):
+        # vLLM's CPU platform always picks CPU_ATTN; point that name at ours.
+        register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+        super().__init__(*args, **kwargs)
+
+    def init_device(self) -> None:
+        super().init_device()
+        if self.use_v2_model_runner:
+            raise RuntimeError(
+                "KV compression runs on vLLM's V1 model runner; unset "
+                "VLLM_USE_V2_MODEL_RUNNER."
+            )
+        from .runner import KVCompressModelRunner
+
+        # CPUWorker builds its runner inline; replace it before the model loads.
+        self.model_runner = KVCompressModelRunner(self.vllm_config, torch.device("cpu"))

@@ -10,7 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+
 from .block_manager import HeadBlockPool
+
+
+class NoTokenBlocks(KVCacheBlocks):
+    """A successful allocation whose ids live in the head-block pool.
+
+    vLLM's scheduler sends a resumed request's block ids even when empty, so
+    this never collapses to None the way an empty stock result does.
+    """
+
+    def get_block_ids(self, allow_none: bool = False, *, group_ids=None):
+        count = len(self.blocks) if group_ids is None else len(group_ids)
+        return tuple([] for _ in range(count))
 
 
 class HeadBlockKVCacheManager:
@@ -19,6 +33,7 @@ class HeadBlockKVCacheManager:
         self.pool = pool
         per_token_block = pool.heads_per_token_block
         self._watermark = stock_manager.watermark_blocks * per_token_block
+        self._granted = NoTokenBlocks(stock_manager.empty_kv_cache_blocks.blocks)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stock, name)
@@ -62,7 +77,7 @@ class HeadBlockKVCacheManager:
             return None
         if not self.pool.grow(req_id, target):
             return None
-        return self._stock.empty_kv_cache_blocks
+        return self._granted
 
     def free(self, request) -> None:
         self.pool.free(request.request_id)
@@ -74,7 +89,7 @@ class HeadBlockKVCacheManager:
         return []
 
     def get_blocks(self, request_id: str):
-        return self._stock.empty_kv_cache_blocks
+        return self._granted
 
     def get_block_ids(self, request_id: str):
         return self._stock.empty_kv_cache_blocks.get_block_ids()

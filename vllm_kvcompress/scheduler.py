@@ -30,8 +30,10 @@ def pool_from_kv_cache_config(kv_cache_config) -> HeadBlockPool:
         )
     num_layers = len(groups[0].layer_names)
     per_token_block = num_layers * spec.num_kv_heads
+    # vLLM keeps one token block aside as its null block; leaving it out too
+    # makes the pool hold exactly what stock vLLM holds at rate 1.
     return HeadBlockPool(
-        num_head_blocks=kv_cache_config.num_blocks * per_token_block,
+        num_head_blocks=(kv_cache_config.num_blocks - 1) * per_token_block,
         num_layers=num_layers,
         num_kv_heads=spec.num_kv_heads,
         block_size=spec.block_size,

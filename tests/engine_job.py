@@ -1,0 +1,83 @@
+"""Runs one real vLLM engine in its own process and reports what happened.
+
+Tests start this script once per engine configuration (stock or plugin), so
+engines never share a process. The engine core runs in-process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0) so the head-block pool can be read after
+every step.
+
+    python tests/engine_job.py SPEC.json OUT.json
+SPEC: model, engine (LLM keyword arguments), prompts (token-id lists),
+max_tokens, and optionally abort_at_step + abort (request indices).
+"""
+
+import json
+import os
+import sys
+
+
+def run(spec: dict) -> dict:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import vllm_kvcompress  # noqa: F401  (LLM(kv_compress_rate=...) keyword)
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=spec["model"], **spec["engine"])
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    pool = getattr(scheduler, "head_pool", None)
+    preemptions = []
+    original_preempt = scheduler._preempt_request
+
+    def counting_preempt(request, *args, **kwargs):
+        preemptions.append(request.request_id)
+        return original_preempt(request, *args, **kwargs)
+
+    scheduler._preempt_request = counting_preempt
+
+    params = SamplingParams(
+        max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True
+    )
+    for i, ids in enumerate(spec["prompts"]):
+        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
+
+    outputs, trace, step = {}, [], 0
+    held_before = held_after = None
+    abort = [str(i) for i in spec.get("abort", [])]
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+        step += 1
+        if step == spec.get("abort_at_step"):
+            held_before = pool.num_held if pool else None
+            engine.abort_request(abort)
+            held_after = pool.num_held if pool else None
+        trace.append({
+            "running": len(scheduler.running),
+            "held": pool.num_held if pool else None,
+            "free": pool.num_free if pool else None,
+            "usage": scheduler.kv_cache_manager.usage,
+        })
+        if pool is not None:
+            scheduler.check_books()
+    result = {
+        "outputs": outputs,
+        "trace": trace,
+        "preemptions": len(preemptions),
+        "held_around_abort": [held_before, held_after],
+    }
+    if pool is not None:
+        result["final"] = {
+            "held": pool.num_held,
+            "free": pool.num_free,
+            "size": pool.num_head_blocks,
+            "tables": sorted(pool.tables),
+        }
+    return result
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    result = run(spec)
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)

@@ -1,0 +1,124 @@
+"""Setups the plugin cannot serve are refused at start-up, before any model
+load, with a message naming the flag and what is allowed; without the flag the
+plugin changes nothing."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from vllm.engine.arg_utils import EngineArgs
+
+import vllm_kvcompress  # noqa: F401  (adds the LLM keyword)
+from vllm_kvcompress.config import KVCompressConfigError
+from vllm_kvcompress.engine_config import UnsupportedSetupError
+
+
+def config_only_model(tmp_path_factory, tokenizer_from: str, name: str, config) -> str:
+    """A model directory with a config and tokenizer but no weights: enough
+    for vLLM to build and check its engine config."""
+    path = tmp_path_factory.mktemp(name)
+    config.save_pretrained(path)
+    for f in os.listdir(tokenizer_from):
+        if f.startswith("tokenizer"):
+            shutil.copy(os.path.join(tokenizer_from, f), path)
+    return str(path)
+
+
+SMALL = dict(vocab_size=49152, hidden_size=256, intermediate_size=256,
+             num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def unsupported_models(tiny_llama, tmp_path_factory):
+    from transformers import DeepseekV2Config, JambaConfig, MistralConfig
+
+    return {
+        "sliding-window": config_only_model(
+            tmp_path_factory, tiny_llama, "sw", MistralConfig(sliding_window=64, **SMALL)),
+        "latent attention (MLA)": config_only_model(
+            tmp_path_factory, tiny_llama, "mla", DeepseekV2Config(
+                kv_lora_rank=64, q_lora_rank=None, qk_rope_head_dim=16,
+                qk_nope_head_dim=16, v_head_dim=32, n_routed_experts=4,
+                first_k_dense_replace=10, **SMALL)),
+        "hybrid": config_only_model(
+            tmp_path_factory, tiny_llama, "hyb", JambaConfig(
+                num_experts=1, attn_layer_period=2, attn_layer_offset=1,
+                expert_layer_period=2, expert_layer_offset=1, **SMALL)),
+    }
+
+
+def build(model: str, **kwargs):
+    return EngineArgs(model=model, dtype="float32", **kwargs).create_engine_config()
+
+
+@pytest.mark.parametrize("rate", [0.5, 0, -3, "fast", float("nan"), float("inf"), True])
+def test_bad_rate_names_the_flag(tiny_llama, rate):
+    with pytest.raises(KVCompressConfigError, match=r"--kv-compress-rate must be .*>= 1"):
+        build(tiny_llama, kv_compress_rate=rate)
+
+
+def test_bad_rate_through_additional_config(tiny_llama):
+    with pytest.raises(KVCompressConfigError, match="--kv-compress-rate"):
+        build(tiny_llama, additional_config={"kv_compress_rate": "x"})
+
+
+def test_unknown_setting_is_named(tiny_llama):
+    with pytest.raises(KVCompressConfigError, match="kv_compress_ratio.*allowed"):
+        build(tiny_llama, additional_config={"kv_compress_ratio": 8})
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"tensor_parallel_size": 2}, "--tensor-parallel-size 2.*Allowed: --tensor-parallel-size 1"),
+    ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size 2.*Allowed: --pipeline-parallel-size 1"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
+                             "prompt_lookup_max": 3}}, "--speculative-config"),
+    ({"enable_prefix_caching": True}, "--enable-prefix-caching"),
+    ({"block_size": 48}, "--block-size 48.*multiple of 32"),
+])
+def test_unsupported_engine_options(tiny_llama, kwargs, flag):
+    with pytest.raises(UnsupportedSetupError, match=f"--kv-compress-rate does not support .*{flag}"):
+        build(tiny_llama, kv_compress_rate=2, **kwargs)
+
+
+def test_unsupported_models(unsupported_models):
+    for kind, model in unsupported_models.items():
+        with pytest.raises(UnsupportedSetupError, match="--kv-compress-rate does not support") as e:
+            build(model, kv_compress_rate=2)
+        assert kind.split()[0] in str(e.value)
+
+
+def test_compression_rewrites_engine_config(tiny_llama):
+    config = build(tiny_llama, kv_compress_rate=8)
+    assert config.additional_config["kv_compress_rate"] == 8
+    assert config.scheduler_config.scheduler_cls.endswith("KVCompressScheduler")
+    assert config.parallel_config.worker_cls.endswith("KVCompressCPUWorker")
+    assert config.cache_config.enable_prefix_caching is False
+    assert config.cache_config.block_size == 32
+
+
+def test_without_the_flag_nothing_changes(tiny_llama):
+    plain = build(tiny_llama)
+    assert "KVCompress" not in str(plain.scheduler_config.scheduler_cls)
+    assert "kvcompress" not in plain.parallel_config.worker_cls
+    assert plain.additional_config == {}
+
+
+def vllm_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    vllm_bin = os.path.join(os.path.dirname(sys.executable), "vllm")
+    return subprocess.run([vllm_bin, *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_serve_help_lists_the_flags():
+    proc = vllm_cli("serve", "--help=KVCompress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--kv-compress-rate" in proc.stdout
+    assert "--kv-compress-debug" in proc.stdout
+
+
+def test_serve_refuses_a_bad_rate_before_loading(tiny_llama):
+    proc = vllm_cli("serve", tiny_llama, "--kv-compress-rate", "0.5")
+    assert proc.returncode != 0
+    assert "--kv-compress-rate" in proc.stderr and ">= 1" in proc.stderr

@@ -1,0 +1,95 @@
+"""The head-block pool and the per-head tables, without vLLM."""
+
+import numpy as np
+import pytest
+
+from vllm_kvcompress.block_manager import HeadBlockPool, PoolBooksError
+from vllm_kvcompress.head_table import HeadTable
+
+L, H, BS = 3, 2, 4
+
+
+def mirror(pool: HeadBlockPool, tables: dict) -> None:
+    """Apply the pool's grants the way the worker does."""
+    for req_id, grants in pool.take_grants().items():
+        for grant in grants:
+            if grant.fresh:
+                tables[req_id] = HeadTable(L, H, BS)
+            tables[req_id].append_blocks(grant.counts, grant.block_ids)
+
+
+def test_grow_allocates_ceil_per_head_and_free_returns_all():
+    pool = HeadBlockPool(100, L, H, BS)
+    assert pool.blocks_to_grow("a", 9) == 3 * L * H
+    assert pool.grow("a", 9)
+    assert pool.held_by("a") == 3 * L * H and pool.num_free == 100 - 18
+    assert pool.blocks_to_grow("a", 12) == 0  # the third block has room
+    assert pool.blocks_to_grow("a", 13) == L * H
+    pool.check_books()
+    assert pool.free("a") == 18 and pool.num_free == 100
+    pool.check_books()
+
+
+def test_grow_refuses_without_changing_anything():
+    pool = HeadBlockPool(10, L, H, BS)
+    assert not pool.grow("a", 9)  # needs 18
+    assert pool.num_free == 10 and "a" not in pool.tables
+    assert pool.take_grants() == {}
+
+
+def test_worker_mirror_equals_scheduler_tables_under_random_traffic():
+    rng = np.random.default_rng(0)
+    pool = HeadBlockPool(400, L, H, BS)
+    worker: dict[str, HeadTable] = {}
+    tokens: dict[str, int] = {}
+    for step in range(300):
+        req = f"r{rng.integers(8)}"
+        if req in tokens and rng.random() < 0.15:
+            pool.free(req)
+            worker.pop(req)
+            tokens.pop(req)
+        else:
+            target = tokens.get(req, 0) + int(rng.integers(1, 11))
+            if pool.grow(req, target):
+                tokens[req] = target
+        mirror(pool, worker)
+        for worker_req, worker_table in worker.items():
+            if worker_req in tokens:
+                worker_table.lens[:] = tokens[worker_req]
+        pool.check_books()
+        assert set(worker) == set(pool.tables)
+        for req_id, table in pool.tables.items():
+            ours = worker[req_id]
+            assert np.array_equal(ours.nblocks, table.nblocks)
+            assert np.array_equal(np.sort(ours.held_ids()), np.sort(table.held_ids()))
+            mask = np.arange(table.table.shape[2]) < table.nblocks[..., None]
+            assert np.array_equal(ours.table[mask], table.table[mask])
+
+
+def test_books_check_catches_a_double_grant():
+    pool = HeadBlockPool(50, L, H, BS)
+    pool.grow("a", 4)
+    pool.grow("b", 4)
+    pool.tables["b"].table[0, 0, 0] = pool.tables["a"].table[0, 0, 0]
+    with pytest.raises(PoolBooksError, match="held twice"):
+        pool.check_books()
+
+
+def test_books_check_catches_a_lost_block():
+    pool = HeadBlockPool(50, L, H, BS)
+    pool.grow("a", 4)
+    pool.tables["a"].nblocks[1, 1] = 0  # forgets one block
+    with pytest.raises(PoolBooksError, match="free .* held"):
+        pool.check_books()
+
+
+def test_new_token_slots_follow_each_heads_own_blocks():
+    table = HeadTable(1, 2, BS)
+    table.append_blocks(np.array([[2, 1]]), np.array([7, 3, 9]))
+    table.lens[:] = [[5, 1]]
+    slots = table.new_token_slots(2)  # [L, tokens, H]
+    # head 0: logical 5, 6 -> block 3 (its second), offsets 1, 2
+    # head 1: logical 1, 2 -> block 9, offsets 1, 2
+    assert slots[0].tolist() == [[3 * BS + 1, 9 * BS + 1], [3 * BS + 2, 9 * BS + 2]]
+    with pytest.raises(RuntimeError, match="too short"):
+        table.new_token_slots(4)

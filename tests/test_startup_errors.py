@@ -79,19 +79,24 @@ def test_unknown_setting_is_named(tiny_llama):
 ])
 def test_unsupported_engine_options(tiny_llama, kwargs, flag):
     with pytest.raises(UnsupportedSetupError, match=f"--kv-compress-rate does not support .*{flag}"):
-        build(tiny_llama, kv_compress_rate=2, **kwargs)
+        build(tiny_llama, kv_compress_rate=1, **kwargs)
 
 
 def test_unsupported_models(unsupported_models):
     for kind, model in unsupported_models.items():
         with pytest.raises(UnsupportedSetupError, match="--kv-compress-rate does not support") as e:
-            build(model, kv_compress_rate=2)
+            build(model, kv_compress_rate=1)
         assert kind.split()[0] in str(e.value)
 
 
+def test_rates_above_one_are_refused_until_eviction_exists(tiny_llama):
+    with pytest.raises(UnsupportedSetupError, match="rate 8 yet.*Allowed for now: --kv-compress-rate 1"):
+        build(tiny_llama, kv_compress_rate=8)
+
+
 def test_compression_rewrites_engine_config(tiny_llama):
-    config = build(tiny_llama, kv_compress_rate=8)
-    assert config.additional_config["kv_compress_rate"] == 8
+    config = build(tiny_llama, kv_compress_rate=1)
+    assert config.additional_config["kv_compress_rate"] == 1
     assert config.scheduler_config.scheduler_cls.endswith("KVCompressScheduler")
     assert config.parallel_config.worker_cls.endswith("KVCompressCPUWorker")
     assert config.cache_config.enable_prefix_caching is False

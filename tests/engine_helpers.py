@@ -1,0 +1,52 @@
+"""Helpers for engine tests: run an engine job, make prompts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def run_engine_job(spec: dict, tmp_path: Path, name: str) -> dict:
+    """Run ``engine_job.py`` in a fresh process; its result, or a failure
+    showing the end of the engine's log."""
+    spec_file, out_file = tmp_path / f"{name}.spec.json", tmp_path / f"{name}.out.json"
+    spec_file.write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "engine_job.py"), str(spec_file), str(out_file)],
+        capture_output=True, text=True, timeout=900,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"engine job {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out_file.read_text())
+
+
+def mixed_prompts(model_path: str, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of exactly the given lengths, cut from varied text."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    rng = random.Random(seed)
+    subjects = ["The river", "A small robot", "My neighbour", "The old library",
+                "Every engineer", "The committee", "A red fox", "The spacecraft"]
+    verbs = ["remembered", "carried", "described", "measured", "forgot",
+             "painted", "counted", "questioned"]
+    objects = ["the long winter", "seven silver keys", "a map of the coast",
+               "the price of bread", "an unfinished song", "the quiet harbour",
+               "forty-two letters", "the last train home"]
+    def sentence() -> str:
+        return (f"{rng.choice(subjects)} {rng.choice(verbs)} "
+                f"{rng.choice(objects)} in {rng.randint(1900, 2030)}.")
+
+    prompts = []
+    for length in lengths:
+        text = " ".join(sentence() for _ in range(length // 6 + 8))
+        ids = tokenizer(text)["input_ids"]
+        assert len(ids) >= length, "text generator too short for the prompt"
+        prompts.append(ids[:length])
+    return prompts

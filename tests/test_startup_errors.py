@@ -89,14 +89,30 @@ def test_unsupported_models(unsupported_models):
         assert kind.split()[0] in str(e.value)
 
 
-def test_rates_above_one_are_refused_until_eviction_exists(tiny_llama):
-    with pytest.raises(UnsupportedSetupError, match="rate 8 yet.*Allowed for now: --kv-compress-rate 1"):
-        build(tiny_llama, kv_compress_rate=8)
+@pytest.mark.parametrize("key, value, wanted", [
+    ("kv_compress_policy", "best", "one of kvcompress, snapkv, streamingllm, random"),
+    ("kv_compress_protected_window", -1, "an integer >= 0"),
+    ("kv_compress_sinks", 2.5, "an integer >= 0"),
+    ("kv_compress_window", 0, "an integer >= 1"),
+    ("kv_compress_interval", "often", "an integer >= 0"),
+    ("kv_compress_max_tokens", 0, "an integer >= 1"),
+])
+def test_bad_settings_name_their_flag(tiny_llama, key, value, wanted):
+    flag = "--" + key.replace("_", "-")
+    with pytest.raises(KVCompressConfigError, match=f"{flag} must be {wanted}"):
+        build(tiny_llama, additional_config={"kv_compress_rate": 8, key: value})
+
+
+def test_settings_without_a_rate_are_refused(tiny_llama):
+    with pytest.raises(KVCompressConfigError,
+                       match="--kv-compress-policy needs --kv-compress-rate"):
+        build(tiny_llama, additional_config={"kv_compress_policy": "snapkv"})
 
 
 def test_compression_rewrites_engine_config(tiny_llama):
-    config = build(tiny_llama, kv_compress_rate=1)
-    assert config.additional_config["kv_compress_rate"] == 1
+    config = build(tiny_llama, kv_compress_rate=8, kv_compress_policy="snapkv")
+    assert config.additional_config["kv_compress_rate"] == 8
+    assert config.additional_config["kv_compress_policy"] == "snapkv"
     assert config.scheduler_config.scheduler_cls.endswith("KVCompressScheduler")
     assert config.parallel_config.worker_cls.endswith("KVCompressCPUWorker")
     assert config.cache_config.enable_prefix_caching is False
@@ -119,8 +135,9 @@ def vllm_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 def test_serve_help_lists_the_flags():
     proc = vllm_cli("serve", "--help=KVCompress")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "--kv-compress-rate" in proc.stdout
-    assert "--kv-compress-debug" in proc.stdout
+    for flag in ("rate", "max-tokens", "policy", "protected-window", "sinks",
+                 "window", "interval", "debug"):
+        assert f"--kv-compress-{flag}" in proc.stdout
 
 
 def test_serve_refuses_a_bad_rate_before_loading(tiny_llama):

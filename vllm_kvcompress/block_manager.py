@@ -96,6 +96,19 @@ class HeadBlockPool:
         self._record_grant(req_id, fresh, counts, ids)
         return True
 
+    def shrink(self, req_id: str, new_lens: np.ndarray) -> int:
+        """Apply the worker's post-compaction lengths; the number freed."""
+        table = self.tables.get(req_id)
+        if table is None:  # finished or aborted since the order was sent
+            return 0
+        ids = table.truncate(new_lens)
+        self._release(ids)
+        return len(ids)
+
+    def _release(self, ids: np.ndarray) -> None:
+        self._free[self._num_free : self._num_free + len(ids)] = ids[::-1]
+        self._num_free += len(ids)
+
     def free(self, req_id: str) -> int:
         """Return every head-block of ``req_id``; the number freed."""
         table = self.tables.pop(req_id, None)
@@ -104,8 +117,7 @@ class HeadBlockPool:
         if table is None:
             return 0
         ids = table.held_ids()
-        self._free[self._num_free : self._num_free + len(ids)] = ids[::-1]
-        self._num_free += len(ids)
+        self._release(ids)
         return len(ids)
 
     def _record_grant(

@@ -1,62 +1,23 @@
-"""Engine-level compression settings, parsed and validated in one place.
+"""Compression settings: one table of flags, parsed and validated in one place.
 
 Settings travel from the front end to EngineCore and the workers inside
-``VllmConfig.additional_config`` (pickled with the config), under their
-underscore names (``kv_compress_rate`` ...). Every process rebuilds the same
-``KVCompressConfig`` from that dict, so validation runs identically everywhere.
+``VllmConfig.additional_config`` under their underscore names
+(``--kv-compress-policy`` <-> ``kv_compress_policy``), so every process
+rebuilds the same ``KVCompressConfig``. Settings marked per-request can be
+overridden through ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Mapping
 
-RATE_KEY = "kv_compress_rate"
-DEBUG_KEY = "kv_compress_debug"
-KNOWN_KEYS = (RATE_KEY, DEBUG_KEY)
+POLICIES = ("kvcompress", "snapkv", "streamingllm", "random")
 
 
 class KVCompressConfigError(ValueError):
     """A compression setting is malformed; the message names the flag."""
-
-
-@dataclass(frozen=True)
-class KVCompressConfig:
-    """What the user asked for.
-
-    rate: keep about 1/rate of the compressible KVs (1 = evict nothing, but
-        still run on the per-head paged cache).
-    debug: check the head-block books after every engine step (slow).
-    """
-
-    rate: float = 1.0
-    debug: bool = False
-
-    @classmethod
-    def from_additional_config(
-        cls, additional_config: Mapping[str, Any] | None
-    ) -> "KVCompressConfig | None":
-        """The config if compression was asked for, else None."""
-        extra = dict(additional_config or {})
-        unknown = sorted(
-            k for k in extra if k.startswith("kv_compress_") and k not in KNOWN_KEYS
-        )
-        if unknown:
-            raise KVCompressConfigError(
-                f"unknown setting {unknown[0]!r} (flag {flag_name(unknown[0])}); "
-                f"allowed: {', '.join(KNOWN_KEYS)}."
-            )
-        if extra.get(RATE_KEY) is None:
-            if extra.get(DEBUG_KEY):
-                raise KVCompressConfigError(
-                    f"{flag_name(DEBUG_KEY)} needs {flag_name(RATE_KEY)}."
-                )
-            return None
-        return cls(
-            rate=parse_rate(extra[RATE_KEY]),
-            debug=parse_bool(extra.get(DEBUG_KEY, False), DEBUG_KEY),
-        )
 
 
 def flag_name(key: str) -> str:
@@ -64,27 +25,44 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def parse_rate(value: Any) -> float:
-    """A compression rate: a finite number >= 1 (1 keeps everything)."""
-    flag = flag_name(RATE_KEY)
+def _fail(key: str, wanted: str, value: Any) -> KVCompressConfigError:
+    return KVCompressConfigError(f"{flag_name(key)} must be {wanted}; got {value!r}.")
+
+
+def parse_rate(value: Any, key: str = "kv_compress_rate") -> float:
+    """A finite number >= 1 (1 keeps every KV, 8 keeps about 1/8)."""
+    wanted = "a finite number >= 1 (1 keeps every KV, 8 keeps about 1/8)"
     if isinstance(value, bool):
-        raise KVCompressConfigError(
-            f"{flag} must be a number >= 1 (e.g. 8 keeps about 1/8 of the KV "
-            f"cache); got {value!r}."
-        )
+        raise _fail(key, wanted, value)
     try:
         rate = float(value)
     except (TypeError, ValueError):
-        raise KVCompressConfigError(
-            f"{flag} must be a number >= 1 (e.g. 8 keeps about 1/8 of the KV "
-            f"cache); got {value!r}."
-        ) from None
+        raise _fail(key, wanted, value) from None
     if not math.isfinite(rate) or rate < 1.0:
-        raise KVCompressConfigError(
-            f"{flag} must be a finite number >= 1 (1 keeps every KV, 8 keeps "
-            f"about 1/8); got {value!r}."
-        )
+        raise _fail(key, wanted, value)
     return rate
+
+
+def _int_parser(minimum: int) -> Callable[[Any, str], int]:
+    def parse(value: Any, key: str) -> int:
+        wanted = f"an integer >= {minimum}"
+        if isinstance(value, bool):
+            raise _fail(key, wanted, value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if not isinstance(value, int) or value < minimum:
+            raise _fail(key, wanted, value)
+        return value
+
+    return parse
+
+
+def parse_policy(value: Any, key: str) -> str:
+    if value not in POLICIES:
+        raise _fail(key, f"one of {', '.join(POLICIES)}", value)
+    return value
 
 
 def parse_bool(value: Any, key: str) -> bool:
@@ -94,8 +72,103 @@ def parse_bool(value: Any, key: str) -> bool:
         return True
     if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
         return False
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise KVCompressConfigError(
-        f"{flag_name(key)} must be true or false; got {value!r}."
-    )
+    raise _fail(key, "true or false", value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    parse: Callable[[Any, str], Any]
+    per_request: bool
+    help: str
+
+
+SETTINGS = (
+    Setting("kv_compress_rate", parse_rate, True,
+            "Turn KV compression on and keep about 1/RATE of each request's "
+            "compressible KVs (a number >= 1; 1 evicts nothing)."),
+    Setting("kv_compress_max_tokens", _int_parser(1), True,
+            "Instead of a rate, a fixed budget: keep at most this many KVs per "
+            "head on average (over all layers and KV heads)."),
+    Setting("kv_compress_policy", parse_policy, True,
+            f"Which KVs go: {', '.join(POLICIES)} (default kvcompress: "
+            "squared attention of recent queries, blocks ranked across all "
+            "layers and heads)."),
+    Setting("kv_compress_protected_window", _int_parser(0), True,
+            "The most recent tokens whose KVs are never evicted (default 32)."),
+    Setting("kv_compress_sinks", _int_parser(0), True,
+            "The first tokens whose KVs are never evicted (default 0)."),
+    Setting("kv_compress_window", _int_parser(1), False,
+            "Observation window: how many recent queries score the KVs "
+            "(default 32)."),
+    Setting("kv_compress_interval", _int_parser(0), False,
+            "Also compress every N decode steps (default 0: only when a "
+            "prompt has been read)."),
+    Setting("kv_compress_debug", parse_bool, False,
+            "Check the head-block books after every engine step (slow; tests "
+            "and debugging)."),
+)
+SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+RATE_KEY = "kv_compress_rate"
+DEBUG_KEY = "kv_compress_debug"
+
+
+@dataclass(frozen=True)
+class KVCompressConfig:
+    """Engine-wide settings (the defaults of every request)."""
+
+    rate: float = 1.0
+    max_tokens: int | None = None
+    policy: str = "kvcompress"
+    protected_window: int = 32
+    sinks: int = 0
+    window: int = 32
+    interval: int = 0
+    debug: bool = False
+
+    @classmethod
+    def from_additional_config(
+        cls, additional_config: Mapping[str, Any] | None
+    ) -> "KVCompressConfig | None":
+        """The config if compression was asked for, else None."""
+        given = {k: v for k, v in (additional_config or {}).items()
+                 if k.startswith("kv_compress_") and v is not None}
+        unknown = sorted(set(given) - set(SETTINGS_BY_KEY))
+        if unknown:
+            raise KVCompressConfigError(
+                f"unknown setting {unknown[0]!r} ({flag_name(unknown[0])}); "
+                f"allowed: {', '.join(SETTINGS_BY_KEY)}."
+            )
+        if RATE_KEY not in given:
+            others = [k for k in given if given[k] is not False]
+            if others:
+                raise KVCompressConfigError(
+                    f"{flag_name(others[0])} needs {flag_name(RATE_KEY)} "
+                    "(which turns compression on)."
+                )
+            return None
+        return cls(**_parsed(given))
+
+    def for_request(self, extra_args: Mapping[str, Any] | None) -> "KVCompressConfig":
+        """This config with a request's ``extra_args`` overrides applied."""
+        given = {k: v for k, v in (extra_args or {}).items()
+                 if k.startswith("kv_compress_")}
+        for key in given:
+            setting = SETTINGS_BY_KEY.get(key)
+            if setting is None or not setting.per_request:
+                allowed = [s.key for s in SETTINGS if s.per_request]
+                raise KVCompressConfigError(
+                    f"{key!r} cannot be set per request; allowed: "
+                    f"{', '.join(allowed)}."
+                )
+        return replace(self, **_parsed(given)) if given else self
+
+
+def _parsed(given: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(KVCompressConfig)}
+    out = {}
+    for key, value in given.items():
+        field = key.removeprefix("kv_compress_")
+        assert field in names, key
+        out[field] = SETTINGS_BY_KEY[key].parse(value, key)
+    return out

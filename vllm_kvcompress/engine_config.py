@@ -70,14 +70,6 @@ def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
     """Set the options the plugin needs; called after ``check_engine_args``."""
     from vllm.platforms import current_platform
 
-    if config.rate != 1.0:
-        raise _refuse(
-            f"rate {config.rate:g} yet: eviction is not implemented in this "
-            "version",
-            "Allowed for now: --kv-compress-rate 1 (the per-head paged cache, "
-            "nothing evicted).",
-        )
-
     if not current_platform.is_cpu():
         raise _refuse(
             f"the {current_platform.device_name!r} platform yet",
@@ -110,10 +102,7 @@ def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
         )
     args.worker_cls = CPU_WORKER_CLS
     logger.info(
-        "KV compression on: rate=%s, head-block size=%d, debug checks=%s.",
-        config.rate,
-        args.block_size,
-        config.debug,
+        "KV compression on: %s, head-block size %d.", config, args.block_size
     )
 
 

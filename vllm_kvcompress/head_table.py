@@ -59,6 +59,20 @@ class HeadTable:
         grown[:, :, : self.table.shape[2]] = self.table
         self.table = grown
 
+    def truncate(self, new_lens: np.ndarray) -> np.ndarray:
+        """Shrink every head to ``new_lens`` KVs (compaction has already moved
+        the survivors into a prefix); returns the tail block ids let go."""
+        if (new_lens > self.lens).any() or (new_lens < 0).any():
+            raise ValueError("a head cannot grow by eviction")
+        keep = -(-new_lens // self.block_size)
+        dropped = (np.arange(self.table.shape[2]) >= keep[..., None]) & (
+            np.arange(self.table.shape[2]) < self.nblocks[..., None]
+        )
+        ids = self.table[dropped]
+        self.nblocks = keep.astype(np.int64)
+        self.lens = new_lens.astype(np.int64)
+        return ids
+
     def held_ids(self) -> np.ndarray:
         """Every head-block id of the request (any order)."""
         mask = np.arange(self.table.shape[2]) < self.nblocks[..., None]

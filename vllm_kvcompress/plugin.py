@@ -12,16 +12,16 @@ import argparse
 import functools
 
 from .config import (
-    DEBUG_KEY,
-    RATE_KEY,
+    SETTINGS,
     KVCompressConfig,
     KVCompressConfigError,
+    Setting,
     flag_name,
-    parse_rate,
+    parse_bool,
 )
 
 _PATCHED_ATTR = "_kv_compress_patched"
-KEYWORDS = (RATE_KEY, DEBUG_KEY)
+KEYWORDS = tuple(s.key for s in SETTINGS)
 
 
 def register() -> None:
@@ -38,12 +38,10 @@ def register() -> None:
 
 def _move_keywords(kwargs: dict) -> None:
     """Move ``kv_compress_*`` keywords into ``additional_config``."""
-    found = {k: kwargs.pop(k) for k in KEYWORDS if k in kwargs}
-    if found.get(RATE_KEY) is None and not found.get(DEBUG_KEY):
-        return
-    extra = dict(kwargs.get("additional_config") or {})
-    extra.update({k: v for k, v in found.items() if v is not None})
-    kwargs["additional_config"] = extra
+    found = {k: v for k in KEYWORDS if (v := kwargs.pop(k, None)) is not None}
+    if found:
+        kwargs["additional_config"] = {**(kwargs.get("additional_config") or {}),
+                                       **found}
 
 
 def _patch_constructors() -> None:
@@ -64,11 +62,18 @@ def _patch_constructors() -> None:
             cls.__init__ = init
 
 
-def _rate_arg(value: str) -> float:
-    try:
-        return parse_rate(value)
-    except KVCompressConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _argparse_type(setting: Setting):
+    """Validate a flag while parsing, so a bad value stops ``vllm serve``
+    before anything loads, with argparse's usual error line."""
+
+    def parse(value: str):
+        try:
+            return setting.parse(value, setting.key)
+        except KVCompressConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = setting.key
+    return parse
 
 
 def _patch_cli(engine_args_cls) -> None:
@@ -79,32 +84,25 @@ def _patch_cli(engine_args_cls) -> None:
         parser = original_add(parser, *args, **kwargs)
         group = parser.add_argument_group(
             title="KVCompress",
-            description="Per-head KV-cache compression (vllm_kvcompress plugin).",
+            description="Per-head KV-cache compression (vllm_kvcompress plugin). "
+            "Each flag is also accepted in --additional-config under its "
+            "underscore name.",
         )
-        group.add_argument(
-            flag_name(RATE_KEY),
-            type=_rate_arg,
-            default=None,
-            help="Turn KV-cache compression on and keep about 1/RATE of the "
-            "compressible KVs of each request (a number >= 1; 1 evicts "
-            "nothing but runs the per-head paged cache).",
-        )
-        group.add_argument(
-            flag_name(DEBUG_KEY),
-            action="store_true",
-            default=False,
-            help="Check the head-block books after every engine step "
-            "(slow; for tests and debugging).",
-        )
+        for setting in SETTINGS:
+            if setting.parse is parse_bool:
+                group.add_argument(flag_name(setting.key), action="store_true",
+                                   default=None, help=setting.help)
+            else:
+                group.add_argument(flag_name(setting.key), default=None,
+                                   type=_argparse_type(setting), help=setting.help)
         return parser
 
     def from_cli_args(cls, args: argparse.Namespace):
         engine_args = original_from(cls, args)
-        values = {k: getattr(args, k, None) for k in KEYWORDS}
-        if values[RATE_KEY] is not None or values[DEBUG_KEY]:
-            extra = dict(engine_args.additional_config or {})
-            extra.update({k: v for k, v in values.items() if v})
-            engine_args.additional_config = extra
+        values = {k: v for k in KEYWORDS if (v := getattr(args, k, None)) is not None}
+        if values:
+            engine_args.additional_config = {
+                **(engine_args.additional_config or {}), **values}
         return engine_args
 
     engine_args_cls.add_cli_args = staticmethod(add_cli_args)

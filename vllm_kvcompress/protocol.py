@@ -40,6 +40,34 @@ class HeadBooks:
 @dataclass
 class StepMessage:
     grants: dict[str, list[BlockGrant]] = field(default_factory=dict)
+    compress: dict[str, "CompressOrder"] = field(default_factory=dict)
     # Debug mode only: the scheduler's books for every scheduled request,
     # after this step's allocation.
     expected: dict[str, HeadBooks] | None = None
+
+
+@dataclass
+class CompressOrder:
+    """Compress one request after this step's forward.
+
+    settings: the request's effective ``KVCompressConfig``.
+    num_tokens: the request's token count once this step's tokens are in
+        (the protected window is counted back from it).
+    after_prompt: the prompt was completed in this step (first compression).
+    """
+
+    settings: object
+    num_tokens: int
+    after_prompt: bool
+
+
+@dataclass
+class CompressReply:
+    """Per-head lengths after eviction and compaction, by request."""
+
+    new_lens: dict[str, np.ndarray] = field(default_factory=dict)
+    evicted: dict[str, int] = field(default_factory=dict)
+
+
+# Attribute name on ModelRunnerOutput.
+REPLY_ATTR = "kv_compress_reply"

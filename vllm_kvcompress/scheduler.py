@@ -11,10 +11,12 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm.v1.request import RequestStatus
+
 from .block_manager import HeadBlockPool, PoolBooksError
-from .config import KVCompressConfig
+from .config import KVCompressConfig, KVCompressConfigError
 from .kv_cache_manager import HeadBlockKVCacheManager
-from .protocol import STEP_ATTR, HeadBooks, StepMessage
+from .protocol import REPLY_ATTR, STEP_ATTR, CompressOrder, HeadBooks, StepMessage
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -50,6 +52,12 @@ class KVCompressScheduler(Scheduler):
         self.kv_cache_manager = HeadBlockKVCacheManager(
             self.kv_cache_manager, self.head_pool
         )
+        self.request_settings: dict[str, KVCompressConfig] = {}
+        # Step of each held request's last compression (absent: not yet
+        # compressed since it was last given memory).
+        self.last_compressed: dict[str, int] = {}
+        self.step_count = 0
+        self.kvs_evicted = 0
         logger.info(
             "KV compression: %d head-blocks of %d tokens (%d layers x %d KV heads).",
             self.head_pool.num_head_blocks,
@@ -58,9 +66,26 @@ class KVCompressScheduler(Scheduler):
             self.head_pool.num_kv_heads,
         )
 
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        try:
+            settings = self.kv_compress.for_request(request.sampling_params.extra_args
+                                                    if request.sampling_params else None)
+        except KVCompressConfigError as e:
+            logger.error("Request %s refused: %s", request.request_id, e)
+            self.finish_requests(request.request_id, RequestStatus.FINISHED_ABORTED)
+            return
+        self.request_settings[request.request_id] = settings
+
+    def _free_request(self, request, *args, **kwargs):
+        self.request_settings.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)
+
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
-        message = StepMessage(grants=self.head_pool.take_grants())
+        self.step_count += 1
+        message = StepMessage(grants=self.head_pool.take_grants(),
+                              compress=self._compress_orders(output))
         if self.kv_compress.debug:
             self.check_books()
             message.expected = {
@@ -70,7 +95,35 @@ class KVCompressScheduler(Scheduler):
         setattr(output, STEP_ATTR, message)
         return output
 
+    def _compress_orders(self, output) -> dict[str, CompressOrder]:
+        """Who compresses after this step: requests whose prompt was just
+        read, and (with an interval) those due for continual compression."""
+        for req_id in list(self.last_compressed):
+            if req_id not in self.head_pool.tables:  # freed (done/preempted)
+                del self.last_compressed[req_id]
+        orders = {}
+        for req_id in output.num_scheduled_tokens:
+            request = self.requests[req_id]
+            settings = self.request_settings.get(req_id)
+            if settings is None or (settings.rate == 1.0 and settings.max_tokens is None):
+                continue
+            if request.num_computed_tokens < request.num_prompt_tokens:
+                continue  # still reading the prompt
+            last = self.last_compressed.get(req_id)
+            due = last is None or (
+                settings.interval > 0 and self.step_count - last >= settings.interval)
+            if due:
+                orders[req_id] = CompressOrder(settings, request.num_computed_tokens,
+                                               after_prompt=last is None)
+                self.last_compressed[req_id] = self.step_count
+        return orders
+
     def update_from_output(self, scheduler_output, model_runner_output):
+        reply = getattr(model_runner_output, REPLY_ATTR, None)
+        if reply is not None:
+            for req_id, new_lens in reply.new_lens.items():
+                self.head_pool.shrink(req_id, new_lens)
+            self.kvs_evicted += sum(reply.evicted.values())
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self.kv_compress.debug:
             self.check_books()

@@ -72,9 +72,11 @@ class HeadPagedImpl(CPUAttentionBackendImpl):
             raise NotImplementedError("fused output quantization is not supported")
         if attn_metadata is None:  # profiling / warm-up run
             return output
+        layer_index = attn_metadata.layer_index[layer.layer_name]
+        if attn_metadata.capture_rows is not None:
+            attn_metadata.captured[layer_index] = query[attn_metadata.capture_rows]
         cpu_paged.attend(
-            attn_metadata.pool, attn_metadata,
-            attn_metadata.layer_index[layer.layer_name],
+            attn_metadata.pool, attn_metadata, layer_index,
             query, output.view(output.shape[0], self.num_heads, self.head_size),
             self.scale, self.isa, kv_cache_dtype=self.kv_cache_dtype,
             k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,

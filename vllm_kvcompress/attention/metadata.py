@@ -29,6 +29,10 @@ class HeadPagedMetadata:
     # token-major view; None when every request has one query (decode).
     head_major_rows: torch.Tensor | None
     layer_index: dict[str, int]
+    # Token rows whose queries are kept for the observation windows, and
+    # what the backend copied out, by layer index.
+    capture_rows: torch.Tensor | None = None
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
     # Per-layer values derived lazily by the attention path (e.g. the C++
     # kernel's work split), shared by layers whose lengths are equal.
     layer_cache: dict = field(default_factory=dict)

@@ -41,3 +41,15 @@ class HeadBlockCache:
         """Key and value views ``[P, 1, block_size, head_dim]`` each."""
         p, _, n, _ = self.kv.shape
         return self.kv.view(p, 1, 2 * n, self.head_dim).chunk(2, dim=2)
+
+    def keys(self, block_ids: torch.Tensor, layout: str) -> torch.Tensor:
+        """Keys ``[N, block_size, head_dim]`` of head-blocks ``block_ids``.
+
+        ``layout`` says how vLLM's kernel packed K inside a block
+        ("k_transposed": ``[head_dim, block_size]``; "row_major")."""
+        blocks = self.kv[block_ids, 0].reshape(len(block_ids), -1)
+        k = blocks[:, : self.block_size * self.head_dim]
+        if layout == "k_transposed":
+            return k.view(-1, self.head_dim, self.block_size).transpose(1, 2)
+        return k.view(-1, self.block_size, self.head_dim)
+

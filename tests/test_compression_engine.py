@@ -1,0 +1,95 @@
+"""Eviction end to end in a real engine: memory held follows the rate, the
+books balance with compression under abort and preemption, and per-request
+settings win over the engine's."""
+
+import math
+
+import pytest
+
+from engine_helpers import mixed_prompts, run_engine_job
+
+pytestmark = pytest.mark.engine
+
+BS = 32
+PROTECTED = 32
+ENGINE = dict(dtype="float32", max_model_len=4096, enforce_eager=True,
+              block_size=BS, max_num_batched_tokens=512, kv_compress_debug=True)
+
+
+def kept_after_prompt(prompt_len: int, heads: int, rate: float) -> int:
+    """What the rate asks to keep: 1/rate of the compressible KVs plus the
+    protected window, over all heads."""
+    compressible = (prompt_len - PROTECTED) * heads
+    return math.ceil(compressible / rate) + PROTECTED * heads
+
+
+def first_compressed(trace, rid, prompt_len):
+    """The first step after the request's prompt was read (and compressed)."""
+    for step in trace:
+        info = step["requests"].get(rid)
+        if info and info["computed"] >= prompt_len:
+            return step
+    raise AssertionError(f"request {rid} never finished its prompt")
+
+
+@pytest.mark.parametrize("rate", [2, 8, 32])
+def test_held_memory_follows_the_rate(tiny_llama, tmp_path, rate):
+    prompt_len, heads = 1500, 2 * 2  # tiny llama: 2 layers x 2 KV heads
+    prompt = mixed_prompts(tiny_llama, [prompt_len], seed=rate)
+    spec = {"model": tiny_llama, "prompts": prompt, "max_tokens": 3,
+            "engine": {**ENGINE, "kv_compress_rate": rate}}
+    result = run_engine_job(spec, tmp_path, f"rate{rate}")
+    step = first_compressed(result["trace"], "0", prompt_len)
+    info = step["requests"]["0"]
+    target = kept_after_prompt(prompt_len, heads, rate)
+    # Whole blocks go, so a request keeps at most one block's worth more.
+    assert target <= info["kvs"] < target + BS
+    # Held head-blocks: ceil(kept / bs) per head, at most one partial each.
+    assert math.ceil(info["kvs"] / BS) <= info["blocks"] <= info["kvs"] / BS + heads
+    # vLLM's KV-usage metric reads the pool, so it drops with it.
+    size = result["final"]["size"]
+    uncompressed_usage = heads * math.ceil(prompt_len / BS) / size
+    assert step["usage"] == pytest.approx(info["blocks"] / size)
+    assert step["usage"] < uncompressed_usage * (1 / rate + heads / (prompt_len / BS))
+    assert result["final"]["held"] == 0
+
+
+def test_heads_keep_different_amounts_under_kvcompress(smollm2, tmp_path):
+    prompt = mixed_prompts(smollm2, [1200], seed=7)
+    spec = {"model": smollm2, "prompts": prompt, "max_tokens": 2,
+            "engine": {**ENGINE, "kv_compress_rate": 8}}
+    result = run_engine_job(spec, tmp_path, "variable")
+    step = first_compressed(result["trace"], "0", 1200)
+    info = step["requests"]["0"]
+    assert info["max_head"] - info["min_head"] >= 2 * BS  # not a uniform cut
+    assert info["min_head"] >= PROTECTED
+
+
+def test_books_balance_with_compression_abort_and_preemption(tiny_llama, tmp_path):
+    # Compression lets more requests in than the 40-block pool holds
+    # uncompressed; their decodes then outgrow it and vLLM must preempt.
+    prompts = mixed_prompts(tiny_llama, [300] * 6, seed=4)
+    spec = {"model": tiny_llama, "prompts": prompts, "max_tokens": 250,
+            "engine": {**ENGINE, "kv_compress_rate": 2, "kv_compress_interval": 32,
+                       "num_gpu_blocks_override": 40, "max_model_len": 1100},
+            "abort_at_step": 12, "abort": [1]}
+    result = run_engine_job(spec, tmp_path, "books")
+    assert result["evicted"] > 0
+    assert result["preemptions"] > 0
+    assert sorted(result["outputs"]) == ["0", "2", "3", "4", "5"]
+    assert all(len(t) == 250 for t in result["outputs"].values())
+    assert max(s["running"] for s in result["trace"]) > 40 * 32 // (300 + 250)
+    assert result["final"]["held"] == 0 and result["final"]["tables"] == []
+
+
+def test_request_settings_override_the_engine(tiny_llama, tmp_path):
+    prompts = mixed_prompts(tiny_llama, [1000, 1000], seed=5)
+    spec = {"model": tiny_llama, "prompts": prompts, "max_tokens": 2,
+            "engine": {**ENGINE, "kv_compress_rate": 16},
+            "extra_args": [None, {"kv_compress_rate": 2}]}
+    result = run_engine_job(spec, tmp_path, "override")
+    heads = 4
+    sixteen = first_compressed(result["trace"], "0", 1000)["requests"]["0"]
+    two = first_compressed(result["trace"], "1", 1000)["requests"]["1"]
+    assert kept_after_prompt(1000, heads, 16) <= sixteen["kvs"] < kept_after_prompt(1000, heads, 16) + BS
+    assert kept_after_prompt(1000, heads, 2) <= two["kvs"] < kept_after_prompt(1000, heads, 2) + BS

@@ -1,0 +1,115 @@
+"""Worker-side compression of one request: statistics of the window queries
+-> policy scores -> which blocks go -> compaction -> new per-head lengths."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..attention.pool import HeadBlockCache
+from ..head_table import HeadTable
+from .compaction import apply_moves, slot_moves
+from .metrics import max_pool_keys, squared_attention
+from .planner import evictable_mask, plan_uniform, plan_variable
+from .policies import POLICIES
+
+
+@dataclass
+class ObservationWindow:
+    """The request's most recent queries, per layer (after RoPE)."""
+
+    queries: torch.Tensor  # [L, W, Hq, D]
+    positions: torch.Tensor  # [W] token positions, -1 where empty
+
+
+def eviction_budget(settings, lens: np.ndarray, evictable: np.ndarray,
+                    num_tokens: int) -> int:
+    """How many KVs may go now. The target is measured on the request's full
+    length, so repeated compressions keep about 1/rate of it (or
+    ``max_tokens`` per head on average) rather than shrinking it again."""
+    heads = lens.size
+    if settings.max_tokens is not None:
+        target = settings.max_tokens * heads
+    else:
+        protected = min(num_tokens, settings.protected_window)
+        compressible = (num_tokens - protected) * heads
+        target = math.ceil(compressible / settings.rate) + protected * heads
+    return max(0, min(int(evictable.sum()), int(lens.sum()) - target))
+
+
+class Compressor:
+    def __init__(self, pool: HeadBlockCache, kv_metric: torch.Tensor,
+                 kv_position: torch.Tensor, layout: str, scale: float, seed: int = 0):
+        self.pool = pool
+        self.slot_metric, self.slot_position = kv_metric, kv_position  # [P, bs]
+        self.kv_metric = kv_metric.view(-1)
+        self.kv_position = kv_position.view(-1)
+        self.layout = layout
+        self.scale = scale
+        self.rng = np.random.default_rng(seed)
+
+    def compress(self, table: HeadTable, window: ObservationWindow, order) -> int:
+        """Evict and compact in place; returns the number of KVs evicted."""
+        settings = order.settings
+        policy = POLICIES[settings.policy]
+        lens = table.lens.copy()
+        width = int(lens.max())
+        if width == 0:
+            return 0
+        logical = np.arange(width)
+        in_head = logical[None, None, :] < lens[..., None]
+        blocks = table.table[:, :, logical // table.block_size].astype(np.int64)
+        slots = np.where(in_head, blocks * table.block_size + logical % table.block_size, 0)
+        slots = torch.from_numpy(slots)
+        positions = self.kv_position[slots].numpy()
+
+        metric = np.zeros(lens.shape + (width,))
+        if policy.needs_attention:
+            metric = self._update_metric(table, window, slots, lens, order.after_prompt)
+        scores = policy.scores(metric, positions, self.rng)
+        sinks = max(settings.sinks, policy.min_sinks)
+        evictable = evictable_mask(positions, lens, order.num_tokens,
+                                   settings.protected_window, sinks)
+        scores = np.where(evictable, scores, np.inf)
+        budget = eviction_budget(settings, lens, evictable, order.num_tokens)
+        if budget <= 0:
+            return 0
+        if policy.variable:
+            plan = plan_variable(scores, lens, table.block_size, budget)
+        else:
+            keep = math.ceil((int(lens.sum()) - budget) / lens.size)
+            plan = plan_uniform(scores, lens, table.block_size, keep)
+        moves = slot_moves(table, plan)
+        if len(moves):
+            apply_moves(self.pool, torch.from_numpy(moves), self.slot_metric,
+                        self.slot_position, self.layout)
+        table.truncate(plan.new_lens)
+        return int((lens - plan.new_lens).sum())
+
+    def _update_metric(self, table: HeadTable, window: ObservationWindow,
+                       slots: torch.Tensor, lens: np.ndarray, after_prompt: bool) -> np.ndarray:
+        """Add this window's squared attention to each KV's stored metric."""
+        seen = window.positions >= 0
+        queries = window.queries[:, seen]
+        query_positions = window.positions[seen]
+        num_layers, num_heads, width = slots.shape
+        group = queries.shape[2] // num_heads
+        lens_t = torch.from_numpy(lens)
+        for layer in range(num_layers):
+            layer_slots = slots[layer]  # [H, M]
+            num_blocks = -(-width // table.block_size)
+            block_ids = torch.from_numpy(table.table[layer, :, :num_blocks].astype(np.int64))
+            keys = self.pool.keys(block_ids.reshape(-1), self.layout)
+            keys = keys.reshape(num_heads, -1, self.pool.head_dim)[:, :width]
+            key_positions = self.kv_position[layer_slots]
+            q = queries[layer].reshape(len(query_positions), num_heads, group, -1)
+            fresh = squared_attention(keys, key_positions, lens_t[layer], q,
+                                      query_positions, self.scale)
+            if after_prompt:
+                fresh = max_pool_keys(fresh, lens_t[layer])
+            valid = torch.arange(width)[None, :] < lens_t[layer][:, None]
+            self.kv_metric[layer_slots[valid]] += fresh[valid]
+        return self.kv_metric[slots].numpy().astype(np.float64)

@@ -107,3 +107,44 @@ def test_disconnect_mid_stream_frees_everything(plugin_server, smollm2, long_pro
     after = client.completions.create(model=smollm2, prompt="Hello", max_tokens=5)
     assert after.choices[0].text
     assert wait_idle(plugin_server) == 0.0
+
+
+def usage_while_streaming(base: str, model: str, prompt, extra_body=None) -> float:
+    """KV usage after a few streamed tokens of one request (then hang up)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base + "/v1", api_key="unused")
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=400,
+                                       temperature=0, stream=True,
+                                       extra_body=extra_body)
+    for i, _ in enumerate(stream):
+        if i == 4:
+            break
+    usage = metric(base, "vllm:kv_cache_usage_perc")
+    stream.close()
+    wait_idle(base)
+    return usage
+
+
+def test_per_request_rate_over_vllm_xargs(plugin_server, smollm2, long_prompt):
+    full = usage_while_streaming(plugin_server, smollm2, long_prompt)
+    compressed = usage_while_streaming(plugin_server, smollm2, long_prompt,
+                                       {"vllm_xargs": {"kv_compress_rate": 8}})
+    assert 0 < compressed < full / 4
+
+
+@pytest.mark.parametrize("xargs, field", [
+    ({"kv_compress_rate": 0}, "--kv-compress-rate"),
+    ({"kv_compress_policy": "h2o"}, "--kv-compress-policy"),
+    ({"kv_compress_window": 4}, "kv_compress_window"),
+])
+def test_bad_per_request_field_gets_400_and_the_server_serves_on(
+        plugin_server, smollm2, xargs, field):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=plugin_server + "/v1", api_key="unused")
+    with pytest.raises(BadRequestError, match=field):
+        client.completions.create(model=smollm2, prompt="Hello", max_tokens=5,
+                                  extra_body={"vllm_xargs": xargs})
+    good = client.completions.create(model=smollm2, prompt="Hello", max_tokens=5)
+    assert good.choices[0].text

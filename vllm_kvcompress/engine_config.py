@@ -95,6 +95,10 @@ def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
             "Allowed: a multiple of 32 (default 32).",
         )
     args.scheduler_cls = SCHEDULER_CLS
+    # Bad per-request compression fields are refused in the front end.
+    from .request_validation import CLASS_PATH
+
+    args.logits_processors = [*(args.logits_processors or []), CLASS_PATH]
     if args.worker_cls not in ("auto", CPU_WORKER_CLS):
         raise _refuse(
             f"a custom --worker-cls ({args.worker_cls})",

@@ -11,10 +11,8 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm.v1.request import RequestStatus
-
 from .block_manager import HeadBlockPool, PoolBooksError
-from .config import KVCompressConfig, KVCompressConfigError
+from .config import KVCompressConfig
 from .kv_cache_manager import HeadBlockKVCacheManager
 from .protocol import REPLY_ATTR, STEP_ATTR, CompressOrder, HeadBooks, StepMessage
 
@@ -68,14 +66,9 @@ class KVCompressScheduler(Scheduler):
 
     def add_request(self, request) -> None:
         super().add_request(request)
-        try:
-            settings = self.kv_compress.for_request(request.sampling_params.extra_args
-                                                    if request.sampling_params else None)
-        except KVCompressConfigError as e:
-            logger.error("Request %s refused: %s", request.request_id, e)
-            self.finish_requests(request.request_id, RequestStatus.FINISHED_ABORTED)
-            return
-        self.request_settings[request.request_id] = settings
+        # Fields were validated in the front end (request_validation.py).
+        extra = request.sampling_params.extra_args if request.sampling_params else None
+        self.request_settings[request.request_id] = self.kv_compress.for_request(extra)
 
     def _free_request(self, request, *args, **kwargs):
         self.request_settings.pop(request.request_id, None)

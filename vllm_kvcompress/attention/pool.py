@@ -42,14 +42,16 @@ class HeadBlockCache:
         p, _, n, _ = self.kv.shape
         return self.kv.view(p, 1, 2 * n, self.head_dim).chunk(2, dim=2)
 
+    def packed_views(self, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as vLLM's kernel packed them inside each head-block: key
+        ``[P, head_dim, block_size]`` for "k_transposed" (else
+        ``[P, block_size, head_dim]``), value ``[P, block_size, head_dim]``."""
+        halves = self.kv.view(self.num_head_blocks, 2, -1)
+        bs, d = self.block_size, self.head_dim
+        key_shape = (-1, d, bs) if layout == "k_transposed" else (-1, bs, d)
+        return halves[:, 0].view(key_shape), halves[:, 1].view(-1, bs, d)
+
     def keys(self, block_ids: torch.Tensor, layout: str) -> torch.Tensor:
-        """Keys ``[N, block_size, head_dim]`` of head-blocks ``block_ids``.
-
-        ``layout`` says how vLLM's kernel packed K inside a block
-        ("k_transposed": ``[head_dim, block_size]``; "row_major")."""
-        blocks = self.kv[block_ids, 0].reshape(len(block_ids), -1)
-        k = blocks[:, : self.block_size * self.head_dim]
-        if layout == "k_transposed":
-            return k.view(-1, self.head_dim, self.block_size).transpose(1, 2)
-        return k.view(-1, self.block_size, self.head_dim)
-
+        """Keys ``[N, block_size, head_dim]`` of head-blocks ``block_ids``."""
+        keys = self.packed_views(layout)[0][block_ids]
+        return keys.transpose(1, 2) if layout == "k_transposed" else keys

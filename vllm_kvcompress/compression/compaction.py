@@ -82,7 +82,7 @@ def apply_moves(pool: HeadBlockCache, moves: torch.Tensor,
     moves = moves.long()
     src_block, src_off = _split(moves[:, 0], pool.block_size)
     dst_block, dst_off = _split(moves[:, 1], pool.block_size)
-    key, value = _key_value_views(pool, layout)
+    key, value = pool.packed_views(layout)
     # The key view is [P, D, bs] when transposed: index (block, :, offset).
     if layout == "k_transposed":
         key[dst_block, :, dst_off] = key[src_block, :, src_off]
@@ -92,15 +92,6 @@ def apply_moves(pool: HeadBlockCache, moves: torch.Tensor,
     for per_slot in (kv_metric, kv_position):
         if per_slot is not None:
             per_slot[dst_block, dst_off] = per_slot[src_block, src_off]
-
-
-def _key_value_views(pool: HeadBlockCache, layout: str
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key [P, D, bs] (transposed) or [P, bs, D], and value [P, bs, D]."""
-    halves = pool.kv.view(pool.num_head_blocks, 2, -1)
-    bs, d = pool.block_size, pool.head_dim
-    key_shape = (-1, d, bs) if layout == "k_transposed" else (-1, bs, d)
-    return halves[:, 0].view(key_shape), halves[:, 1].view(-1, bs, d)
 
 
 def probe_layout(isa: str, block_size: int, head_dim: int, dtype: torch.dtype) -> str:

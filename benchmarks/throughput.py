@@ -1,46 +1,53 @@
-"""Output tokens/s of stock vLLM vs the plugin on the same workload, in one run.
+"""Output tokens/s and peak concurrent requests: stock vLLM vs the plugin at
+several compression rates, on one KV-memory-bound workload, in one run.
 
-Every engine runs in its own process (fresh, same settings), alternating
-stock and plugin runs so machine noise hits both; the figure that counts is
-the ratio of medians.
+The KV pool is sized so that stock vLLM holds at most ``--stock-fits``
+requests at once; compression frees memory, so the plugin admits more. Every
+engine runs in its own fresh process; ratios against the stock run of the
+same invocation are the figures that count.
 
-    python benchmarks/throughput.py [--prompts 16] [--input-len 1024]
-        [--output-len 128] [--repeats 2] [--out docs/results/throughput-rate1.json]
+    python benchmarks/throughput.py [--rates 1 2 4 8 16 32 64] [--prompts 12]
+        [--input-len 2048] [--output-len 128] [--stock-fits 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ENGINE = dict(dtype="float32", max_model_len=4096, enforce_eager=True,
-              block_size=32, enable_prefix_caching=False)
+BLOCK = 32
 
 
 def worker(spec_path: str, out_path: str) -> None:
-    """One engine: generate the workload once, report timing."""
+    """One engine: run the workload step by step, report time and peaks."""
     spec = json.loads(Path(spec_path).read_text())
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec["kv_space_gib"]))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read the scheduler
     import vllm_kvcompress  # noqa: F401
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=spec["model"], **spec["engine"])
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
     params = SamplingParams(temperature=0.0, max_tokens=spec["output_len"],
                             ignore_eos=True)
-    prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
-    llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    for i, ids in enumerate(spec["prompts"]):
+        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
+    peak, generated, start = 0, 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                generated += len(out.outputs[0].token_ids)
+        peak = max(peak, len(scheduler.running))
     elapsed = time.perf_counter() - start
-    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    Path(out_path).write_text(json.dumps({"seconds": elapsed, "tokens": generated}))
+    Path(out_path).write_text(json.dumps(
+        {"seconds": elapsed, "tokens": generated, "peak_running": peak}))
 
 
 def make_prompts(model: str, count: int, length: int) -> list[list[int]]:
@@ -51,31 +58,53 @@ def make_prompts(model: str, count: int, length: int) -> list[list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(model)
     rng = random.Random(0)
     words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 3][:5000]
-    prompts = []
-    for _ in range(count):
-        ids = tokenizer(" ".join(rng.choice(words) for _ in range(length)))["input_ids"]
-        prompts.append(ids[:length])
-    return prompts
+    return [tokenizer(" ".join(rng.choice(words) for _ in range(length)))["input_ids"][:length]
+            for _ in range(count)]
 
 
 def run_engine(spec: dict, tmp: Path, name: str) -> dict:
     spec_path, out_path = tmp / f"{name}.json", tmp / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path),
-                           str(out_path)], capture_output=True, text=True)
+                           str(out_path)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
     return json.loads(out_path.read_text())
 
 
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = [r["rate"] for r in report["plugin"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(rates, [r["ratio"] for r in report["plugin"]], "o-")
+    left.axhline(1.0, color="grey", lw=0.8)
+    left.set(xscale="log", xlabel="compression rate", ylabel="output tokens/s vs stock",
+             title="Throughput ratio")
+    right.plot(rates, [r["peak_running"] for r in report["plugin"]], "o-", label="plugin")
+    right.axhline(report["stock"]["peak_running"], color="grey", ls="--", label="stock vLLM")
+    right.set(xscale="log", xlabel="compression rate", ylabel="requests",
+              title="Peak concurrent running requests")
+    right.legend()
+    for ax in (left, right):
+        ax.set_xticks(rates, [f"{r:g}" for r in rates])
+    fig.suptitle(report["title"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="stock vLLM vs vllm_kvcompress")
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--input-len", type=int, default=2048)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--kv-space-gib", type=int, default=1)
-    parser.add_argument("--out", default="docs/results/throughput-rate1.json")
+    parser.add_argument("--stock-fits", type=int, default=4)
+    parser.add_argument("--out", default="docs/results/throughput.json")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -86,28 +115,36 @@ def main() -> None:
     from vllm_kvcompress.assets import smollm2_path
 
     model = smollm2_path()
+    per_request = math.ceil((args.input_len + args.output_len) / BLOCK)
+    blocks = args.stock_fits * per_request + 1  # +1: vLLM's null block
+    engine = dict(dtype="float32", max_model_len=args.input_len + args.output_len,
+                  enforce_eager=True, block_size=BLOCK, enable_prefix_caching=False,
+                  num_gpu_blocks_override=blocks)
     base = {"model": model, "output_len": args.output_len,
-            "kv_space_gib": args.kv_space_gib,
             "prompts": make_prompts(model, args.prompts, args.input_len)}
-    variants = {"stock": ENGINE, "kvcompress-rate1": {**ENGINE, "kv_compress_rate": 1}}
-    runs = {name: [] for name in variants}
+    variants = [("stock", engine, None)] + [
+        (f"rate{r:g}", {**engine, "kv_compress_rate": r}, r) for r in args.rates]
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        plan = [(r, name) for r in range(args.repeats) for name in variants]
-        for r, name in tqdm(plan, desc="engine runs", unit="run"):
-            result = run_engine({**base, "engine": variants[name]}, Path(tmp),
-                                f"{name}-{r}")
-            runs[name].append(result["tokens"] / result["seconds"])
-    medians = {name: statistics.median(v) for name, v in runs.items()}
+        for name, engine_args, _ in tqdm(variants, desc="engines", unit="engine"):
+            results[name] = run_engine({**base, "engine": engine_args}, Path(tmp), name)
+    stock = results["stock"]
+    stock_tps = stock["tokens"] / stock["seconds"]
     report = {
-        "workload": {k: getattr(args, k) for k in
-                     ("prompts", "input_len", "output_len", "repeats", "kv_space_gib")},
-        "model": "SmolLM2-135M-Instruct (float32)",
-        "output_tokens_per_s": runs,
-        "median_tokens_per_s": medians,
-        "ratio_plugin_over_stock": medians["kvcompress-rate1"] / medians["stock"],
+        "title": (f"SmolLM2-135M fp32, {args.prompts} prompts x {args.input_len} tokens, "
+                  f"{args.output_len} new, KV pool = {args.stock_fits} requests uncompressed"),
+        "workload": vars(args) | {"worker": None, "kv_token_blocks": blocks},
+        "stock": {"tokens_per_s": stock_tps, "peak_running": stock["peak_running"]},
+        "plugin": [
+            {"rate": rate, "tokens_per_s": (tps := results[n]["tokens"] / results[n]["seconds"]),
+             "ratio": tps / stock_tps, "peak_running": results[n]["peak_running"]}
+            for n, _, rate in variants[1:]
+        ],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out.with_suffix(".png"))
     print(json.dumps(report, indent=2))
 
 

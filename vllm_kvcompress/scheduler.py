@@ -105,7 +105,7 @@ class KVCompressScheduler(Scheduler):
         for req_id in output.num_scheduled_tokens:
             request = self.requests[req_id]
             settings = self.request_settings.get(req_id)
-            if settings is None or (settings.rate == 1.0 and settings.max_tokens is None):
+            if settings is None or not settings.evicts:
                 continue
             if request.num_computed_tokens < request.num_prompt_tokens:
                 continue  # still reading the prompt

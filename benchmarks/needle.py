@@ -141,6 +141,7 @@ def report(path: Path) -> None:
         ax.axhline(full, color="grey", ls="--", label="full cache")
         ax.set(xscale="log", xlabel="compression rate", ylabel="needles found",
                title=f"SmolLM2-135M, {length}-token haystacks", ylim=(-0.05, 1.05))
+        ax.minorticks_off()
         ax.set_xticks(rates, [f"{r:g}" for r in rates])
         ax.legend()
     fig.tight_layout()

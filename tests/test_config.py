@@ -19,6 +19,8 @@ def test_request_overrides_win():
     ({"kv_compress_rate": float("nan")}, "--kv-compress-rate must be"),
     ({"kv_compress_policy": "h2o"}, "--kv-compress-policy must be one of"),
     ({"kv_compress_max_tokens": -5}, "--kv-compress-max-tokens must be"),
+    ({"kv_compress_head_floor": 1.5}, "--kv-compress-head-floor must be a number between 0 and 1"),
+    ({"kv_compress_head_floor": float("nan")}, "--kv-compress-head-floor must be"),
     ({"kv_compress_window": 8}, "'kv_compress_window' cannot be set per request"),
     ({"kv_compress_typo": 1}, "'kv_compress_typo' cannot be set per request"),
 ])

@@ -138,3 +138,20 @@ def test_evictable_mask_protects_window_sinks_and_unheld():
     shuffled = positions[..., ::-1].copy()
     mask = evictable_mask(shuffled, np.array([[8]]), 8, 2, 1)
     assert mask[0, 0].tolist() == [False, False, True, True, True, True, True, False]
+
+
+def test_head_floor_keeps_each_heads_best_kvs():
+    from vllm_kvcompress.compression.compressor import keep_best
+
+    # Head 0's attention sits on one KV: without a floor the single ranking
+    # strips the rest of it first.
+    scores = np.array([[[9.0, 0.001, 0.002, 0.003, np.inf, np.inf],
+                        [0.3, 0.2, 0.4, 0.1, 0.5, np.inf]]])
+    lens = np.array([[6, 5]])
+    plain = plan_variable(scores, lens, block_size=1, max_evict=5)
+    assert plain.new_lens[0, 0] == 3  # only the sink KV and the protected pair
+    floored = keep_best(scores, 2)
+    assert np.isinf(floored[0, 0, :4]).tolist() == [True, False, False, True]
+    assert np.isinf(floored[0, 1, [2, 4]]).all()  # head 1's two best
+    plan = plan_variable(floored, lens, block_size=1, max_evict=5)
+    assert plan.new_lens[0, 0] >= 4

@@ -59,6 +59,19 @@ def _int_parser(minimum: int) -> Callable[[Any, str], int]:
     return parse
 
 
+def parse_fraction(value: Any, key: str) -> float:
+    wanted = "a number between 0 and 1"
+    if isinstance(value, bool):
+        raise _fail(key, wanted, value)
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        raise _fail(key, wanted, value) from None
+    if not 0.0 <= fraction <= 1.0:  # also refuses NaN
+        raise _fail(key, wanted, value)
+    return fraction
+
+
 def parse_policy(value: Any, key: str) -> str:
     if value not in POLICIES:
         raise _fail(key, f"one of {', '.join(POLICIES)}", value)
@@ -94,6 +107,10 @@ SETTINGS = (
             f"Which KVs go: {', '.join(POLICIES)} (default kvcompress: "
             "squared attention of recent queries, blocks ranked across all "
             "layers and heads)."),
+    Setting("kv_compress_head_floor", parse_fraction, True,
+            "kvcompress only: every KV head keeps at least this fraction of the "
+            "request's average per-head budget (default 0: no floor, as in "
+            "the KV-Compress paper)."),
     Setting("kv_compress_protected_window", _int_parser(0), True,
             "The most recent tokens whose KVs are never evicted (default 32)."),
     Setting("kv_compress_sinks", _int_parser(0), True,
@@ -120,6 +137,7 @@ class KVCompressConfig:
     rate: float = 1.0
     max_tokens: int | None = None
     policy: str = "kvcompress"
+    head_floor: float = 0.0
     protected_window: int = 32
     sinks: int = 0
     window: int = 32

@@ -44,6 +44,15 @@ def eviction_budget(settings, lens: np.ndarray, evictable: np.ndarray,
     return max(0, min(int(evictable.sum()), int(lens.sum()) - target))
 
 
+def keep_best(scores: np.ndarray, count: int) -> np.ndarray:
+    """Protect (score +inf) each head's ``count`` best-scored KVs, so a single
+    ranking across heads cannot strip any head below that floor."""
+    order = np.argsort(-np.where(np.isfinite(scores), scores, -np.inf), axis=-1)
+    best = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(best, order[..., :count], True, axis=-1)
+    return np.where(best, np.inf, scores)
+
+
 class Compressor:
     def __init__(self, pool: HeadBlockCache, kv_metric: torch.Tensor,
                  kv_position: torch.Tensor, layout: str, scale: float, seed: int = 0):
@@ -82,6 +91,9 @@ class Compressor:
         if budget <= 0:
             return 0
         if policy.variable:
+            if settings.head_floor > 0:
+                average = (int(lens.sum()) - budget) / lens.size
+                scores = keep_best(scores, math.ceil(settings.head_floor * average))
             plan = plan_variable(scores, lens, table.block_size, budget)
         else:
             keep = math.ceil((int(lens.sum()) - budget) / lens.size)

@@ -35,6 +35,16 @@ def essays_text() -> str:
     return "\n\n".join(p.read_text() for p in sorted(folder.glob("*.txt")))
 
 
+def policy_args(spec: str) -> dict:
+    """``kvcompress`` or ``kvcompress:head_floor=0.5`` -> request extra_args."""
+    name, _, options = spec.partition(":")
+    extra = {"kv_compress_policy": name}
+    for option in filter(None, options.split(",")):
+        key, _, value = option.partition("=")
+        extra[f"kv_compress_{key}"] = value
+    return extra
+
+
 def make_cases(tokenizer, length: int, needles: int, seed: int) -> list[dict]:
     """Haystacks of ``length`` tokens with one needle each, at spread depths."""
     rng = random.Random(seed)
@@ -60,7 +70,9 @@ def main() -> None:
     parser.add_argument("--needles", type=int, default=20)
     parser.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--policies", nargs="+",
-                        default=["kvcompress", "snapkv", "streamingllm", "random"])
+                        default=["kvcompress", "snapkv", "streamingllm", "random"],
+                        help="policy names, optionally with settings: "
+                        "kvcompress:head_floor=0.5")
     parser.add_argument("--out", default="docs/results/needle.json")
     parser.add_argument("--report", metavar="JSON",
                         help="only render the table and plot of an earlier run")
@@ -89,7 +101,7 @@ def main() -> None:
             for case in cases:
                 extra = {"kv_compress_rate": rate}
                 if policy != "full":
-                    extra["kv_compress_policy"] = policy
+                    extra.update(policy_args(policy))
                 prompts.append({"prompt_token_ids": case["ids"]})
                 params.append(SamplingParams(temperature=0.0, max_tokens=12,
                                              extra_args=extra))

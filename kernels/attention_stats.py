@@ -36,6 +36,7 @@ from ._common import logical_slots, split_slots
 from ._triton_guard import HAS_TRITON, cdiv, dot_flags, next_pow2, num_sms, require_triton
 
 if HAS_TRITON:
+    from ._triton_common import scaled_scores
     from ._triton_guard import tl, triton
 
 __all__ = ["AttentionStats", "attention_stats", "attention_stats_ref"]
@@ -163,17 +164,6 @@ if HAS_TRITON:
         return k, kpos
 
     @triton.jit
-    def _scores(q, k, scale, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-        if UPCAST:
-            if IEEE:
-                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-        else:
-            s = tl.dot(q, tl.trans(k))
-        return s * scale
-
-    @triton.jit
     def _stats_pass1_kernel(
         q_ptr, qpos_ptr, k_ptr, kvpos_ptr, bt_ptr, lens_ptr, m_ptr, l_ptr,
         scale, n_q, num_kv_heads, split_size, n_q_pad, n_splits,
@@ -202,7 +192,7 @@ if HAS_TRITON:
             k, kpos = _load_keys(
                 k_ptr, kvpos_ptr, bt_row, n, nmask, s_kp, s_kt, s_pp, s_pt, D, BLOCK_D, BLOCK_SIZE
             )
-            s = _scores(q, k, scale, UPCAST, IEEE)
+            s = scaled_scores(q, k, scale, UPCAST, IEEE)
             vis = nmask[None, :] & (kpos[None, :] <= qp[:, None])
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -245,7 +235,7 @@ if HAS_TRITON:
             k, kpos = _load_keys(
                 k_ptr, kvpos_ptr, bt_row, n, nmask, s_kp, s_kt, s_pp, s_pt, D, BLOCK_D, BLOCK_SIZE
             )
-            s = _scores(q, k, scale, UPCAST, IEEE)
+            s = scaled_scores(q, k, scale, UPCAST, IEEE)
             vis = qvalid[:, None] & nmask[None, :] & (kpos[None, :] <= qp[:, None])
             logp = tl.where(vis, s - lse[:, None], 0.0)
             p = tl.where(vis, tl.exp(logp), 0.0)

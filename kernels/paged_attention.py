@@ -25,6 +25,7 @@ from ._common import logical_slots, split_slots
 from ._triton_guard import HAS_TRITON, cdiv, dot_flags, next_pow2, num_sms, require_triton
 
 if HAS_TRITON:
+    from ._triton_common import scaled_scores
     from ._triton_guard import tl, triton
 
 __all__ = ["paged_attention", "paged_attention_ref"]
@@ -156,14 +157,7 @@ if HAS_TRITON:
                 v_ptr + blk[:, None] * s_vp + off[:, None] * s_vt + d[None, :],
                 mask=kv_mask, other=0.0,
             )
-            if UPCAST:
-                if IEEE:
-                    s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-                else:
-                    s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale
+            s = scaled_scores(q, k, scale, UPCAST, IEEE)
             vis = nmask[None, :] & (n[None, :] < limit[:, None])
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))

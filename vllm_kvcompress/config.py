@@ -29,15 +29,20 @@ def _fail(key: str, wanted: str, value: Any) -> KVCompressConfigError:
     return KVCompressConfigError(f"{flag_name(key)} must be {wanted}; got {value!r}.")
 
 
-def parse_rate(value: Any, key: str = "kv_compress_rate") -> float:
-    """A finite number >= 1 (1 keeps every KV, 8 keeps about 1/8)."""
-    wanted = "a finite number >= 1 (1 keeps every KV, 8 keeps about 1/8)"
+def _number(value: Any, key: str, wanted: str) -> float:
+    """``value`` as a float (booleans refused), else an error naming ``key``."""
     if isinstance(value, bool):
         raise _fail(key, wanted, value)
     try:
-        rate = float(value)
+        return float(value)
     except (TypeError, ValueError):
         raise _fail(key, wanted, value) from None
+
+
+def parse_rate(value: Any, key: str = "kv_compress_rate") -> float:
+    """A finite number >= 1 (1 keeps every KV, 8 keeps about 1/8)."""
+    wanted = "a finite number >= 1 (1 keeps every KV, 8 keeps about 1/8)"
+    rate = _number(value, key, wanted)
     if not math.isfinite(rate) or rate < 1.0:
         raise _fail(key, wanted, value)
     return rate
@@ -61,12 +66,7 @@ def _int_parser(minimum: int) -> Callable[[Any, str], int]:
 
 def parse_fraction(value: Any, key: str) -> float:
     wanted = "a number between 0 and 1"
-    if isinstance(value, bool):
-        raise _fail(key, wanted, value)
-    try:
-        fraction = float(value)
-    except (TypeError, ValueError):
-        raise _fail(key, wanted, value) from None
+    fraction = _number(value, key, wanted)
     if not 0.0 <= fraction <= 1.0:  # also refuses NaN
         raise _fail(key, wanted, value)
     return fraction

@@ -180,7 +180,7 @@ def test_attention_over_compacted_heads_matches_dense(layout):
         block_tables=torch.from_numpy(request.table.table.copy()),
         seq_lens=torch.from_numpy(plan.new_lens.astype(np.int32)),
         query_start_loc=torch.arange(num_heads + 1, dtype=torch.int32),
-        max_query_len=1, head_major_rows=None, layer_index={})
+        head_major_rows=None, layer_index={})
     scale = D ** -0.5
     for layer in range(num_layers):
         output = torch.zeros_like(query)

@@ -70,7 +70,6 @@ def build_step(
         ),
         seq_lens=torch.from_numpy(seq_lens.reshape(num_layers, -1)),
         query_start_loc=torch.from_numpy(query_start_loc),
-        max_query_len=max(num_tokens),
         head_major_rows=rows,
         layer_index=layer_index,
     )

@@ -24,7 +24,6 @@ class HeadPagedMetadata:
     seq_lens: torch.Tensor
     # [R*H + 1] int32: query offsets of the one-head sequences.
     query_start_loc: torch.Tensor
-    max_query_len: int
     # Maps head-major query rows (r, h, token) to rows of the [T*H, G, D]
     # token-major view; None when every request has one query (decode).
     head_major_rows: torch.Tensor | None

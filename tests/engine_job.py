@@ -7,7 +7,8 @@ every step.
 
     python tests/engine_job.py SPEC.json OUT.json
 SPEC: model, engine (LLM keyword arguments), prompts (token-id lists),
-max_tokens, and optionally abort_at_step + abort (request indices).
+max_tokens, and optionally abort (request indices) with either abort_at_step
+or abort_during_compression.
 """
 
 import json
@@ -32,6 +33,9 @@ def run(spec: dict) -> dict:
         return original_preempt(request, *args, **kwargs)
 
     scheduler._preempt_request = counting_preempt
+    aborted_in_compression = []
+    if spec.get("abort_during_compression"):
+        abort_while_compressing(engine, scheduler, spec["abort"], aborted_in_compression)
 
     extra = spec.get("extra_args") or [None] * len(spec["prompts"])
     for i, ids in enumerate(spec["prompts"]):
@@ -70,10 +74,12 @@ def run(spec: dict) -> dict:
         "trace": trace,
         "preemptions": len(preemptions),
         "held_around_abort": [held_before, held_after],
+        "aborted_in_compression": aborted_in_compression,
     }
     if pool is not None:
-        result["evicted"] = scheduler.kvs_evicted
-        result["low_memory_compressions"] = scheduler.low_memory_compressions
+        result["evicted"] = scheduler.stats.kvs_evicted
+        result["low_memory_compressions"] = scheduler.stats.low_memory_compressions
+        result["stats_live_requests"] = scheduler.stats.live_requests
         result["final"] = {
             "held": pool.num_held,
             "free": pool.num_free,
@@ -81,6 +87,27 @@ def run(spec: dict) -> dict:
             "tables": sorted(pool.tables),
         }
     return result
+
+
+def abort_while_compressing(engine, scheduler, indices, aborted: list) -> None:
+    """Abort the given requests in the step that compresses them, after the
+    worker ran the compression and before the scheduler applies its reply:
+    the abort lands while the compression is in flight."""
+    from vllm_kvcompress.protocol import STEP_ATTR
+
+    targets = {str(i) for i in indices}
+    original_update = scheduler.update_from_output
+
+    def update_from_output(scheduler_output, runner_output):
+        ordered = getattr(scheduler_output, STEP_ATTR).compress
+        victims = [rid.rsplit("-", 1)[0] for rid in ordered
+                   if rid.rsplit("-", 1)[0] in targets - set(aborted)]
+        if victims:
+            engine.abort_request(victims)
+            aborted.extend(victims)
+        return original_update(scheduler_output, runner_output)
+
+    scheduler.update_from_output = update_from_output
 
 
 if __name__ == "__main__":

@@ -82,6 +82,22 @@ def test_books_balance_with_compression_abort_and_preemption(tiny_llama, tmp_pat
     assert result["final"]["held"] == 0 and result["final"]["tables"] == []
 
 
+def test_requests_aborted_while_being_compressed_free_everything(tiny_llama, tmp_path):
+    # Each of requests 1 and 3 is aborted in the step that compresses it
+    # (after the worker compacted it, before the scheduler saw the reply).
+    prompts = mixed_prompts(tiny_llama, [300, 500, 200, 700, 400], seed=8)
+    spec = {"model": tiny_llama, "prompts": prompts, "max_tokens": 64,
+            "engine": {**ENGINE, "kv_compress_rate": 4, "kv_compress_interval": 8},
+            "abort_during_compression": True, "abort": [1, 3]}
+    result = run_engine_job(spec, tmp_path, "abort_compressing")
+    assert sorted(result["aborted_in_compression"]) == ["1", "3"]
+    assert sorted(result["outputs"]) == ["0", "2", "4"]
+    assert all(len(t) == 64 for t in result["outputs"].values())
+    assert result["evicted"] > 0
+    assert result["final"]["held"] == 0 and result["final"]["tables"] == []
+    assert result["stats_live_requests"] == 0  # the aborted ones not counted
+
+
 def test_a_pool_running_dry_triggers_compression_before_preemption(tiny_llama, tmp_path):
     # No interval: after the prompts, only a pool running dry compresses.
     prompts = mixed_prompts(tiny_llama, [300] * 6, seed=6)

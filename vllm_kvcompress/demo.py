@@ -45,7 +45,7 @@ def main() -> None:
         shown = prompt if len(prompt) < 200 else prompt[:80] + " ... " + prompt[-60:]
         print(f"\n>>> {shown}\n{out.outputs[0].text.strip()}")
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    print(f"\nKV compression at rate {args.rate:g}: {scheduler.kvs_evicted} KVs "
+    print(f"\nKV compression at rate {args.rate:g}: {scheduler.stats.kvs_evicted} KVs "
           f"evicted; head-blocks held now {scheduler.head_pool.num_held} of "
           f"{scheduler.head_pool.num_head_blocks}.")
 

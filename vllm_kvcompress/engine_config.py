@@ -105,9 +105,23 @@ def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
             "Remove --worker-cls.",
         )
     args.worker_cls = CPU_WORKER_CLS
+    _serve_metrics(args)
     logger.info(
         "KV compression on: %s, head-block size %d.", config, args.block_size
     )
+
+
+def _serve_metrics(args: "EngineArgs") -> None:
+    """Give the engine a stats board and show it on this process's /metrics."""
+    from .prometheus import serve_board
+    from .serving_stats import PATH_KEY, create_board_file
+
+    path = create_board_file()
+    args.additional_config = {**(args.additional_config or {}), PATH_KEY: path}
+    names = args.served_model_name
+    if isinstance(names, str):
+        names = [names]
+    serve_board(path, names[0] if names else args.model)
 
 
 def check_vllm_config(vllm_config: "VllmConfig") -> None:

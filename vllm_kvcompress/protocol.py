@@ -67,6 +67,7 @@ class CompressReply:
 
     new_lens: dict[str, np.ndarray] = field(default_factory=dict)
     evicted: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0  # worker time spent on this step's compressions
 
 
 # Attribute name on ModelRunnerOutput.

@@ -5,6 +5,7 @@ compressions the scheduler orders (after the forward pass)."""
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 import torch
@@ -21,7 +22,6 @@ from .compression.window import WindowStore
 from .protocol import REPLY_ATTR, STEP_ATTR, CompressReply, StepMessage
 from .scheduler import pool_from_kv_cache_config
 from .step_builder import build_step
-
 
 
 class KVCompressModelRunner(CPUModelRunner):
@@ -103,6 +103,7 @@ class KVCompressModelRunner(CPUModelRunner):
             self.windows.absorb(metadata.captured)
         if not step.compress:
             return
+        started = time.perf_counter()
         reply = CompressReply()
         for req_id, order in step.compress.items():
             table = self.head_tables[req_id]
@@ -111,6 +112,7 @@ class KVCompressModelRunner(CPUModelRunner):
                 raise RuntimeError(f"no observation window for request {req_id}")
             reply.evicted[req_id] = self.compressor.compress(table, window, order)
             reply.new_lens[req_id] = table.lens.copy()
+        reply.seconds = time.perf_counter() - started
         self._reply = reply
 
     def _apply_grants(self, scheduler_output, step: StepMessage) -> None:

@@ -16,6 +16,7 @@ from .compression.compressor import kept_target
 from .config import KVCompressConfig
 from .kv_cache_manager import HeadBlockKVCacheManager
 from .protocol import REPLY_ATTR, STEP_ATTR, CompressOrder, HeadBooks, StepMessage
+from .serving_stats import PATH_KEY, CompressionStats, StatsBoard
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -56,8 +57,10 @@ class KVCompressScheduler(Scheduler):
         # compressed since it was last given memory).
         self.last_compressed: dict[str, int] = {}
         self.step_count = 0
-        self.kvs_evicted = 0
-        self.low_memory_compressions = 0
+        board_path = (vllm_config.additional_config or {}).get(PATH_KEY)
+        self.stats = CompressionStats(
+            StatsBoard(board_path, writable=True) if board_path else None)
+        self.stats.publish(self.head_pool)
         logger.info(
             "KV compression: %d head-blocks of %d tokens (%d layers x %d KV heads).",
             self.head_pool.num_head_blocks,
@@ -73,8 +76,12 @@ class KVCompressScheduler(Scheduler):
         self.request_settings[request.request_id] = self.kv_compress.for_request(extra)
 
     def _free_request(self, request, *args, **kwargs):
+        """Finished or aborted (preemption frees through the cache manager)."""
         self.request_settings.pop(request.request_id, None)
-        return super()._free_request(request, *args, **kwargs)
+        freed = super()._free_request(request, *args, **kwargs)
+        self.stats.finished(request.request_id)
+        self.stats.publish(self.head_pool)
+        return freed
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
@@ -117,7 +124,7 @@ class KVCompressScheduler(Scheduler):
                 excess = int(table.lens.sum()) - kept_target(
                     settings, request.num_computed_tokens, table.lens.size)
                 due = excess >= pool.block_size
-                self.low_memory_compressions += due
+                self.stats.low_memory_compressions += due
             if due:
                 orders[req_id] = CompressOrder(settings, request.num_computed_tokens,
                                                after_prompt=last is None)
@@ -127,10 +134,16 @@ class KVCompressScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
         reply = getattr(model_runner_output, REPLY_ATTR, None)
         if reply is not None:
+            orders = getattr(scheduler_output, STEP_ATTR).compress
             for req_id, new_lens in reply.new_lens.items():
+                if req_id not in self.head_pool.tables:
+                    continue  # aborted while the worker compressed it
                 self.head_pool.shrink(req_id, new_lens)
-            self.kvs_evicted += sum(reply.evicted.values())
+                self.stats.compressed(req_id, orders[req_id].num_tokens, new_lens,
+                                      reply.evicted[req_id])
+            self.stats.compress_seconds += reply.seconds
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self.stats.publish(self.head_pool)
         if self.kv_compress.debug:
             self.check_books()
         return outputs

@@ -26,6 +26,15 @@ def run_engine_job(spec: dict, tmp_path: Path, name: str) -> dict:
 
 def mixed_prompts(model_path: str, lengths: list[int], seed: int = 0) -> list[list[int]]:
     """Token-id prompts of exactly the given lengths, cut from varied text."""
+    return _mixed(model_path, lengths, seed)[0]
+
+
+def mixed_texts(model_path: str, lengths: list[int], seed: int = 0) -> list[str]:
+    """Texts of about the given token lengths (for chat messages)."""
+    return _mixed(model_path, lengths, seed)[1]
+
+
+def _mixed(model_path: str, lengths: list[int], seed: int):
     import random
 
     from transformers import AutoTokenizer
@@ -43,10 +52,11 @@ def mixed_prompts(model_path: str, lengths: list[int], seed: int = 0) -> list[li
         return (f"{rng.choice(subjects)} {rng.choice(verbs)} "
                 f"{rng.choice(objects)} in {rng.randint(1900, 2030)}.")
 
-    prompts = []
+    prompts, texts = [], []
     for length in lengths:
         text = " ".join(sentence() for _ in range(length // 6 + 8))
         ids = tokenizer(text)["input_ids"]
         assert len(ids) >= length, "text generator too short for the prompt"
         prompts.append(ids[:length])
-    return prompts
+        texts.append(tokenizer.decode(ids[:length]))
+    return prompts, texts

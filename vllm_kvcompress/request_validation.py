@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from .config import KVCompressConfig
+from .config import KVCompressConfig, KVCompressConfigError
 
 CLASS_PATH = "vllm_kvcompress.request_validation:KVCompressRequestValidator"
 
@@ -19,8 +19,15 @@ CLASS_PATH = "vllm_kvcompress.request_validation:KVCompressRequestValidator"
 class KVCompressRequestValidator(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        # Raises KVCompressConfigError (a ValueError) naming the bad field.
-        KVCompressConfig().for_request(sampling_params.extra_args)
+        """Raise a ``ValueError`` naming the first bad per-request field."""
+        defaults = KVCompressConfig()
+        for key, value in (sampling_params.extra_args or {}).items():
+            try:
+                defaults.for_request({key: value})
+            except KVCompressConfigError as e:
+                raise KVCompressConfigError(
+                    f"per-request field {key!r} (vllm_xargs / extra_args): {e}"
+                ) from None
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         pass

@@ -41,6 +41,17 @@ def test_squared_attention_matches_naive_loop():
 def test_max_pool_stays_inside_each_head():
     metric = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0],
                            [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
-    pooled = max_pool_keys(metric, torch.tensor([8, 9]), kernel=3)
+    positions = torch.arange(9).repeat(2, 1)
+    pooled = max_pool_keys(metric, positions, torch.tensor([8, 9]), kernel=3)
     assert pooled[0].tolist() == [5, 5, 5, 0, 0, 0, 0, 0, 0]  # index 8 is padding
     assert pooled[1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 0]
+
+
+def test_max_pool_finds_neighbours_by_position_after_compaction():
+    """A compacted head holds its KVs out of position order; pooling must
+    follow positions, not slots."""
+    positions = torch.tensor([[40, 10, 30, 20, 50, 99]])  # slot 5 is padding
+    metric = torch.tensor([[0.0, 7.0, 0.0, 0.0, 0.0, 8.0]])
+    pooled = max_pool_keys(metric, positions, torch.tensor([5]), kernel=3)
+    # Position order 10 (7), 20, 30, 40, 50: 7 reaches position 20 only.
+    assert pooled[0].tolist() == [0, 7, 0, 7, 0, 0]

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Mapping
 
-POLICIES = ("kvcompress", "snapkv", "streamingllm", "random")
+POLICIES = ("kvcompress", "cake", "snapkv", "pyramidkv", "streamingllm", "random")
 
 
 class KVCompressConfigError(ValueError):
@@ -72,6 +72,21 @@ def parse_fraction(value: Any, key: str) -> float:
     return fraction
 
 
+def _real_parser(wanted: str, accept: Callable[[float], bool]) -> Callable[[Any, str], float]:
+    """A parser of finite numbers that ``accept`` takes, built on ``_number``."""
+    def parse(value: Any, key: str) -> float:
+        number = _number(value, key, wanted)
+        if not math.isfinite(number) or not accept(number):
+            raise _fail(key, wanted, value)
+        return number
+
+    return parse
+
+
+parse_positive = _real_parser("a finite number > 0", lambda x: x > 0)
+parse_non_negative = _real_parser("a finite number >= 0", lambda x: x >= 0)
+
+
 def parse_policy(value: Any, key: str) -> str:
     if value not in POLICIES:
         raise _fail(key, f"one of {', '.join(POLICIES)}", value)
@@ -106,11 +121,23 @@ SETTINGS = (
     Setting("kv_compress_policy", parse_policy, True,
             f"Which KVs go: {', '.join(POLICIES)} (default kvcompress: "
             "squared attention of recent queries, blocks ranked across all "
-            "layers and heads)."),
+            "layers and heads; cake: per-layer budgets from attention "
+            "entropy and variance, then that ranking within each layer)."),
     Setting("kv_compress_head_floor", parse_fraction, True,
             "kvcompress only: every KV head keeps at least this fraction of the "
             "request's average per-head budget (default 0: no floor, as in "
             "the KV-Compress paper)."),
+    Setting("kv_compress_cake_tau1", parse_positive, True,
+            "cake only: temperature of attention entropy in a layer's share "
+            "of the budget, P = entropy**(1/tau1) * variance**(1/tau2) "
+            "(a number > 0, default 1)."),
+    Setting("kv_compress_cake_tau2", parse_positive, True,
+            "cake only: temperature of the attention variance across the "
+            "window in a layer's share of the budget (a number > 0, default 1)."),
+    Setting("kv_compress_cake_gamma", parse_non_negative, True,
+            "cake only: weight of the attention variance in each KV's "
+            "eviction score, mean + gamma * variance (a number >= 0, "
+            "default 200)."),
     Setting("kv_compress_protected_window", _int_parser(0), True,
             "The most recent tokens whose KVs are never evicted (default 32)."),
     Setting("kv_compress_sinks", _int_parser(0), True,
@@ -121,6 +148,12 @@ SETTINGS = (
     Setting("kv_compress_interval", _int_parser(0), False,
             "Also compress every N decode steps (default 0: only when a "
             "prompt has been read)."),
+    Setting("kv_compress_cascade", parse_bool, False,
+            "Also compress between prompt chunks, so a request holds at most "
+            "its budget plus one chunk (--max-num-batched-tokens) while its "
+            "prompt is read: prompts larger than the KV pool can be served, "
+            "at some cost in quality (early chunks are judged by early "
+            "queries)."),
     Setting("kv_compress_debug", parse_bool, False,
             "Check the head-block books after every engine step (slow; tests "
             "and debugging)."),
@@ -138,10 +171,14 @@ class KVCompressConfig:
     max_tokens: int | None = None
     policy: str = "kvcompress"
     head_floor: float = 0.0
+    cake_tau1: float = 1.0
+    cake_tau2: float = 1.0
+    cake_gamma: float = 200.0
     protected_window: int = 32
     sinks: int = 0
     window: int = 32
     interval: int = 0
+    cascade: bool = False
     debug: bool = False
 
     @classmethod

@@ -1,5 +1,6 @@
 """Worker-side compression of one request: statistics of the window queries
--> policy scores -> which blocks go -> compaction -> new per-head lengths."""
+-> policy scores -> (per-layer budgets) -> which blocks go -> compaction ->
+new per-head lengths."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import torch
 
 from ..attention.pool import HeadBlockCache
 from ..head_table import HeadTable
+from .cake import layer_statistics, preference_weights
 from .compaction import apply_moves, slot_moves
-from .metrics import max_pool_keys, squared_attention
+from .layer_budgets import plan_by_layer, pyramid_weights
+from .metrics import max_pool_keys, squared_attention, window_attention
 from .planner import evictable_mask, plan_uniform, plan_variable
 from .policies import POLICIES
 
@@ -79,18 +82,25 @@ class Compressor:
         slots = torch.from_numpy(slots)
         positions = self.kv_position[slots].numpy()
 
-        metric = np.zeros(lens.shape + (width,))
-        if policy.needs_attention:
-            metric = self._update_metric(table, window, slots, lens, order.after_prompt)
+        metric, preference = np.zeros(lens.shape + (width,)), None
+        if policy.metric is not None:
+            metric, preference = self._update_metric(policy, table, window, slots,
+                                                     lens, order)
         scores = policy.scores(metric, positions, self.rng)
         sinks = max(settings.sinks, policy.min_sinks)
         evictable = evictable_mask(positions, lens, order.num_tokens,
                                    settings.protected_window, sinks)
         scores = np.where(evictable, scores, np.inf)
-        budget = eviction_budget(settings, lens, evictable, order.num_tokens)
+        budget = eviction_budget(settings, lens, evictable, order.target_tokens)
         if budget <= 0:
             return 0
-        if policy.variable:
+        if policy.layer_budgets is not None:
+            weights = (preference if policy.layer_budgets == "preference"
+                       else pyramid_weights(len(lens)))
+            target = kept_target(settings, order.target_tokens, lens.size)
+            plan = plan_by_layer(scores, lens, evictable, target, weights,
+                                 table.block_size, policy.variable)
+        elif policy.variable:
             if settings.head_floor > 0:
                 average = (int(lens.sum()) - budget) / lens.size
                 scores = keep_best(scores, math.ceil(settings.head_floor * average))
@@ -105,15 +115,20 @@ class Compressor:
         table.truncate(plan.new_lens)
         return int((lens - plan.new_lens).sum())
 
-    def _update_metric(self, table: HeadTable, window: ObservationWindow,
-                       slots: torch.Tensor, lens: np.ndarray, after_prompt: bool) -> np.ndarray:
-        """Add this window's squared attention to each KV's stored metric."""
+    def _update_metric(self, policy, table: HeadTable, window: ObservationWindow,
+                       slots: torch.Tensor, lens: np.ndarray, order
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Score each KV from this window's attention into its stored metric;
+        returns the metric and, for CAKE, each layer's preference weight."""
+        settings = order.settings
+        cake = policy.metric == "cake"
         seen = window.positions >= 0
         queries = window.queries[:, seen]
         query_positions = window.positions[seen]
         num_layers, num_heads, width = slots.shape
         group = queries.shape[2] // num_heads
         lens_t = torch.from_numpy(lens)
+        entropy, shift = np.zeros(num_layers), np.zeros(num_layers)
         for layer in range(num_layers):
             layer_slots = slots[layer]  # [H, M]
             num_blocks = -(-width // table.block_size)
@@ -122,10 +137,25 @@ class Compressor:
             keys = keys.reshape(num_heads, -1, self.pool.head_dim)[:, :width]
             key_positions = self.kv_position[layer_slots]
             q = queries[layer].reshape(len(query_positions), num_heads, group, -1)
-            fresh = squared_attention(keys, key_positions, lens_t[layer], q,
-                                      query_positions, self.scale)
-            if after_prompt:
-                fresh = max_pool_keys(fresh, lens_t[layer])
+            inputs = (keys, key_positions, lens_t[layer], q, query_positions, self.scale)
             valid = torch.arange(width)[None, :] < lens_t[layer][:, None]
-            self.kv_metric[layer_slots[valid]] += fresh[valid]
-        return self.kv_metric[slots].numpy().astype(np.float64)
+            if cake:
+                stats = layer_statistics(window_attention(*inputs), key_positions,
+                                         lens_t[layer], query_positions,
+                                         settings.cake_gamma)
+                entropy[layer], shift[layer] = stats.entropy, stats.shift
+                # Replaced, not added: a variance across queries does not add
+                # up over windows, and CAKE judges KVs by the latest window
+                # alone (a sum would also favour KVs that merely survived
+                # many compressions).
+                self.kv_metric[layer_slots[valid]] = stats.indicator[valid]
+            else:
+                fresh = squared_attention(*inputs)
+                if order.after_prompt:
+                    fresh = max_pool_keys(fresh, key_positions, lens_t[layer])
+                self.kv_metric[layer_slots[valid]] += fresh[valid]
+        metric = self.kv_metric[slots].numpy().astype(np.float64)
+        if not cake:
+            return metric, None
+        return metric, preference_weights(entropy, shift, settings.cake_tau1,
+                                          settings.cake_tau2)

@@ -1,5 +1,5 @@
 """Eviction policies: each turns per-KV statistics into scores (lower goes
-first) and says how blocks are shared out across heads."""
+first) and says how blocks are shared out across layers and heads."""
 
 from __future__ import annotations
 
@@ -11,16 +11,23 @@ import numpy as np
 @dataclass(frozen=True)
 class Policy:
     name: str
-    # True: one ranking over all (layer, head, block) chunks, so heads keep
-    # different amounts (KV-Compress). False: the same count in every head.
+    # True: heads keep different amounts, by one ranking of (head, block)
+    # chunks (KV-Compress). False: the same count in every head.
     variable: bool
-    # True: scores come from attention statistics of the window queries.
-    needs_attention: bool
+    # The per-KV statistic of the window queries scores come from:
+    # "squared" (summed squared attention, KV-Compress/SnapKV), "cake"
+    # (CAKE's mean + gamma * variance), or None (no attention needed).
+    metric: str | None
+    # How the request's kept target is split over layers: None (not split:
+    # the ranking or the equal count spans all layers), "preference" (CAKE's
+    # attention entropy and variance), "pyramid" (PyramidKV, shrinking with
+    # depth).
+    layer_budgets: str | None = None
     min_sinks: int = 0
 
     def scores(self, metric: np.ndarray, positions: np.ndarray,
                rng: np.random.Generator) -> np.ndarray:
-        if self.needs_attention:
+        if self.metric is not None:
             return metric.astype(np.float64)
         if self.name == "streamingllm":  # oldest first
             return positions.astype(np.float64)
@@ -28,9 +35,11 @@ class Policy:
 
 
 POLICIES = {
-    "kvcompress": Policy("kvcompress", variable=True, needs_attention=True),
-    "snapkv": Policy("snapkv", variable=False, needs_attention=True),
-    "streamingllm": Policy("streamingllm", variable=False, needs_attention=False,
-                           min_sinks=4),
-    "random": Policy("random", variable=False, needs_attention=False),
+    "kvcompress": Policy("kvcompress", variable=True, metric="squared"),
+    "cake": Policy("cake", variable=True, metric="cake", layer_budgets="preference"),
+    "snapkv": Policy("snapkv", variable=False, metric="squared"),
+    "pyramidkv": Policy("pyramidkv", variable=False, metric="squared",
+                        layer_budgets="pyramid"),
+    "streamingllm": Policy("streamingllm", variable=False, metric=None, min_sinks=4),
+    "random": Policy("random", variable=False, metric=None),
 }

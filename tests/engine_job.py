@@ -33,6 +33,20 @@ def run(spec: dict) -> dict:
         return original_preempt(request, *args, **kwargs)
 
     scheduler._preempt_request = counting_preempt
+    # Head-blocks each request holds right after scheduling, before the
+    # step's compressions: its peak.
+    peak_blocks = {}
+    if pool is not None:
+        original_schedule = scheduler.schedule
+
+        def schedule_and_note_peaks(*args, **kwargs):
+            output = original_schedule(*args, **kwargs)
+            for rid, table in pool.tables.items():
+                key = rid.rsplit("-", 1)[0]
+                peak_blocks[key] = max(peak_blocks.get(key, 0), int(table.nblocks.sum()))
+            return output
+
+        scheduler.schedule = schedule_and_note_peaks
     aborted_in_compression = []
     if spec.get("abort_during_compression"):
         abort_while_compressing(engine, scheduler, spec["abort"], aborted_in_compression)
@@ -43,13 +57,14 @@ def run(spec: dict) -> dict:
                                 ignore_eos=True, extra_args=extra[i])
         engine.add_request(str(i), {"prompt_token_ids": ids}, params)
 
-    outputs, trace, step = {}, [], 0
+    outputs, finish_reasons, trace, step = {}, {}, [], 0
     held_before = held_after = None
     abort = [str(i) for i in spec.get("abort", [])]
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = list(out.outputs[0].token_ids)
+                finish_reasons[out.request_id] = out.outputs[0].finish_reason
         step += 1
         if step == spec.get("abort_at_step"):
             held_before = pool.num_held if pool else None
@@ -71,10 +86,12 @@ def run(spec: dict) -> dict:
             scheduler.check_books()
     result = {
         "outputs": outputs,
+        "finish_reasons": finish_reasons,
         "trace": trace,
         "preemptions": len(preemptions),
         "held_around_abort": [held_before, held_after],
         "aborted_in_compression": aborted_in_compression,
+        "peak_blocks": peak_blocks,
     }
     if pool is not None:
         result["evicted"] = scheduler.stats.kvs_evicted

@@ -29,6 +29,7 @@ class HeadBlockPool:
         # A stack: ids are popped from the end, low ids first.
         self._free = np.arange(num_head_blocks - 1, -1, -1, dtype=np.int32)
         self._num_free = num_head_blocks
+        self.peak_held = 0  # high-water mark of held head-blocks
         self.tables: dict[str, HeadTable] = {}
         self._tokens: dict[str, int] = {}
         self._grants: dict[str, list[BlockGrant]] = {}
@@ -89,6 +90,7 @@ class HeadBlockPool:
             return False
         ids = self._free[self._num_free - total : self._num_free][::-1].copy()
         self._num_free -= total
+        self.peak_held = max(self.peak_held, self.num_held)
         table.append_blocks(counts, ids)
         table.lens += new_tokens
         self.tables[req_id] = table

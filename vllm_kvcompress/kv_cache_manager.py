@@ -8,7 +8,7 @@ else falls through to the wrapped stock manager, which stays idle.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 
@@ -28,9 +28,13 @@ class NoTokenBlocks(KVCacheBlocks):
 
 
 class HeadBlockKVCacheManager:
-    def __init__(self, stock_manager: Any, pool: HeadBlockPool):
+    def __init__(self, stock_manager: Any, pool: HeadBlockPool,
+                 peak_head_blocks: Callable[[Any], int]):
         self._stock = stock_manager
         self.pool = pool
+        # Head-blocks a request holds at its peak (vLLM admits a new request
+        # only if that fits; with cascading it is less than the prompt).
+        self._peak_head_blocks = peak_head_blocks
         per_token_block = pool.heads_per_token_block
         self._watermark = stock_manager.watermark_blocks * per_token_block
         self._granted = NoTokenBlocks(stock_manager.empty_kv_cache_blocks.blocks)
@@ -69,8 +73,8 @@ class HeadBlockKVCacheManager:
         ):
             free -= self._watermark
         if full_sequence_must_fit:
-            full = min(request.num_tokens, self.max_model_len)
-            if self.pool.blocks_to_grow(req_id, full) > free:
+            need = self._peak_head_blocks(request) - self.pool.held_by(req_id)
+            if need > free:
                 return None
         target = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
         if self.pool.blocks_to_grow(req_id, target) > free:

@@ -34,6 +34,9 @@ def register() -> None:
     _patch_cli(EngineArgs)
     _patch_create_engine_config(EngineArgs)
     setattr(EngineArgs, _PATCHED_ATTR, True)
+    from . import capacity
+
+    capacity.install()
 
 
 def _move_keywords(kwargs: dict) -> None:

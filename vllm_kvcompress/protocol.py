@@ -54,11 +54,14 @@ class CompressOrder:
     num_tokens: the request's token count once this step's tokens are in
         (the protected window is counted back from it).
     after_prompt: the prompt was completed in this step (first compression).
+    target_tokens: the length the kept target is measured on: ``num_tokens``,
+        or the whole prompt's when cascading between prompt chunks.
     """
 
     settings: object
     num_tokens: int
     after_prompt: bool
+    target_tokens: int
 
 
 @dataclass

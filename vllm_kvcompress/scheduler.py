@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.request import RequestStatus
 
 from .block_manager import HeadBlockPool, PoolBooksError
+from .capacity import peak_tokens_per_head
 from .compression.compressor import kept_target
 from .config import KVCompressConfig
 from .kv_cache_manager import HeadBlockKVCacheManager
@@ -50,9 +53,13 @@ class KVCompressScheduler(Scheduler):
         )
         self.head_pool = pool_from_kv_cache_config(kv_cache_config)
         self.kv_cache_manager = HeadBlockKVCacheManager(
-            self.kv_cache_manager, self.head_pool
+            self.kv_cache_manager, self.head_pool, self.peak_head_blocks
         )
+        self.chunk_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.request_settings: dict[str, KVCompressConfig] = {}
+        # Refused at arrival (they could never fit the pool); their error
+        # outputs go out with the next step's outputs.
+        self._refused: list = []
         # Step of each held request's last compression (absent: not yet
         # compressed since it was last given memory).
         self.last_compressed: dict[str, int] = {}
@@ -74,6 +81,27 @@ class KVCompressScheduler(Scheduler):
         # Fields were validated in the front end (request_validation.py).
         extra = request.sampling_params.extra_args if request.sampling_params else None
         self.request_settings[request.request_id] = self.kv_compress.for_request(extra)
+        need = self.peak_head_blocks(request)
+        if need > self.head_pool.num_head_blocks:
+            logger.warning(
+                "KV compression: request %s needs %d head-blocks at its peak, "
+                "more than the whole pool (%d); refused. Its own compression "
+                "settings are weaker than the engine's --kv-compress-cascade "
+                "start-up check assumed.", request.request_id, need,
+                self.head_pool.num_head_blocks)
+            self._refused.extend(
+                self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR))
+
+    def peak_head_blocks(self, request) -> int:
+        """Head-blocks ``request`` holds at most while its prompt is read: all
+        of it, or with cascading its budget plus one chunk."""
+        pool = self.head_pool
+        tokens = min(request.num_tokens, self.max_model_len)
+        settings = self.request_settings.get(request.request_id, self.kv_compress)
+        if self.kv_compress.cascade and settings.evicts:
+            tokens = peak_tokens_per_head(settings, tokens, self.chunk_tokens,
+                                          pool.block_size)
+        return -(-tokens // pool.block_size) * pool.heads_per_token_block
 
     def _free_request(self, request, *args, **kwargs):
         """Finished or aborted (preemption frees through the cache manager)."""
@@ -114,22 +142,31 @@ class KVCompressScheduler(Scheduler):
             settings = self.request_settings.get(req_id)
             if settings is None or not settings.evicts:
                 continue
-            if request.num_computed_tokens < request.num_prompt_tokens:
-                continue  # still reading the prompt
+            tokens = request.num_computed_tokens
+            if tokens < request.num_prompt_tokens:  # still reading the prompt
+                # Cascading: hold at most the final budget plus one chunk.
+                if (self.kv_compress.cascade and self._excess(
+                        req_id, settings, request.num_prompt_tokens) >= pool.block_size):
+                    orders[req_id] = CompressOrder(
+                        settings, tokens, after_prompt=False,
+                        target_tokens=request.num_prompt_tokens)
+                continue
             last = self.last_compressed.get(req_id)
             due = last is None or (
                 settings.interval > 0 and self.step_count - last >= settings.interval)
             if not due and running_dry and last < self.step_count:
-                table = pool.tables[req_id]
-                excess = int(table.lens.sum()) - kept_target(
-                    settings, request.num_computed_tokens, table.lens.size)
-                due = excess >= pool.block_size
+                due = self._excess(req_id, settings, tokens) >= pool.block_size
                 self.stats.low_memory_compressions += due
             if due:
-                orders[req_id] = CompressOrder(settings, request.num_computed_tokens,
-                                               after_prompt=last is None)
+                orders[req_id] = CompressOrder(settings, tokens, after_prompt=last is None,
+                                               target_tokens=tokens)
                 self.last_compressed[req_id] = self.step_count
         return orders
+
+    def _excess(self, req_id: str, settings, target_tokens: int) -> int:
+        """KVs ``req_id`` holds beyond its target for ``target_tokens``."""
+        lens = self.head_pool.tables[req_id].lens
+        return int(lens.sum()) - kept_target(settings, target_tokens, lens.size)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         reply = getattr(model_runner_output, REPLY_ATTR, None)
@@ -143,10 +180,18 @@ class KVCompressScheduler(Scheduler):
                                       reply.evicted[req_id])
             self.stats.compress_seconds += reply.seconds
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self._send_refusals(outputs)
         self.stats.publish(self.head_pool)
         if self.kv_compress.debug:
             self.check_books()
         return outputs
+
+    def _send_refusals(self, outputs: dict) -> None:
+        refused, self._refused = self._refused, []
+        for request in refused:
+            outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(
+                EngineCoreOutput(request_id=request.request_id, new_token_ids=[],
+                                 finish_reason=request.get_finished_reason()))
 
     def _books_of(self, req_id: str) -> HeadBooks:
         table = self.head_pool.tables[req_id]

@@ -24,10 +24,22 @@ LOAD_REQUESTS = 64
 
 
 @pytest.fixture(scope="module")
-def server(smollm2, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serving") / "server.log"
-    with vllm_server(smollm2, SERVER_ARGS, log) as base:
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("serving") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(smollm2, server_log):
+    with vllm_server(smollm2, SERVER_ARGS, server_log) as base:
         yield base
+
+
+def test_start_up_logs_the_effective_configuration_once(server, server_log):
+    lines = [line for line in server_log.read_text().splitlines()
+             if "KV compression on:" in line]
+    assert len(lines) == 1, lines
+    assert f"rate={float(RATE)}" in lines[0] and "policy='kvcompress'" in lines[0]
+    assert "protected_window=32" in lines[0] and "head-block size 32" in lines[0]
 
 
 def kvc(base: str, name: str) -> float:

@@ -135,8 +135,9 @@ def vllm_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 def test_serve_help_lists_the_flags():
     proc = vllm_cli("serve", "--help=KVCompress")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for flag in ("rate", "max-tokens", "policy", "protected-window", "sinks",
-                 "window", "interval", "debug"):
+    for flag in ("rate", "max-tokens", "policy", "head-floor", "cake-tau1", "cake-tau2",
+                 "cake-gamma", "protected-window", "sinks", "window", "interval",
+                 "cascade", "debug"):
         assert f"--kv-compress-{flag}" in proc.stdout
 
 

@@ -10,10 +10,11 @@ import pytest
 HERE = Path(__file__).parent
 
 
-def run_engine_job(spec: dict, tmp_path: Path, name: str) -> dict:
-    """Run ``engine_job.py`` in a fresh process; its result, or a failure
-    showing the end of the engine's log."""
-    proc, out_file = _engine_process(spec, tmp_path, name)
+def run_engine_job(spec: dict, tmp_path: Path, name: str,
+                   script: Path = HERE / "engine_job.py") -> dict:
+    """Run ``engine_job.py`` (or a script wrapping it) in a fresh process; its
+    result, or a failure showing the end of the engine's log."""
+    proc, out_file = _engine_process(spec, tmp_path, name, script)
     if proc.returncode != 0:
         pytest.fail(f"engine job {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(out_file.read_text())
@@ -21,16 +22,16 @@ def run_engine_job(spec: dict, tmp_path: Path, name: str) -> dict:
 
 def engine_job_error(spec: dict, tmp_path: Path, name: str) -> str:
     """The end of the log of an engine job that must fail to start."""
-    proc, _ = _engine_process(spec, tmp_path, name)
+    proc, _ = _engine_process(spec, tmp_path, name, HERE / "engine_job.py")
     assert proc.returncode != 0, f"engine job {name} did not fail"
     return proc.stderr[-6000:]
 
 
-def _engine_process(spec: dict, tmp_path: Path, name: str):
+def _engine_process(spec: dict, tmp_path: Path, name: str, script: Path):
     spec_file, out_file = tmp_path / f"{name}.spec.json", tmp_path / f"{name}.out.json"
     spec_file.write_text(json.dumps(spec))
     proc = subprocess.run(
-        [sys.executable, str(HERE / "engine_job.py"), str(spec_file), str(out_file)],
+        [sys.executable, str(script), str(spec_file), str(out_file)],
         capture_output=True, text=True, timeout=900, check=False,
     )
     return proc, out_file

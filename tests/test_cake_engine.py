@@ -9,13 +9,12 @@ layer kept.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_helpers import mixed_prompts
+from engine_helpers import mixed_prompts, run_engine_job
 from test_compression_engine import first_compressed, kept_after_prompt
 
 pytestmark = pytest.mark.engine
@@ -51,16 +50,6 @@ def record_plans(spec: dict) -> dict:
     return {**run(spec), "plans": plans}
 
 
-def run_recorded(spec: dict, tmp_path: Path, name: str) -> dict:
-    spec_file, out_file = tmp_path / f"{name}.spec.json", tmp_path / f"{name}.out.json"
-    spec_file.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, __file__, str(spec_file), str(out_file)],
-                          capture_output=True, text=True, timeout=900, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"engine job {name} failed:\n{proc.stderr[-6000:]}")
-    return json.loads(out_file.read_text())
-
-
 @pytest.mark.parametrize("policy", ["pyramidkv", "cake"])
 def test_layers_follow_their_budgets(tiny_llama, tmp_path, policy):
     # Request 0 runs the engine's policy, request 1 switches to cake.
@@ -69,7 +58,7 @@ def test_layers_follow_their_budgets(tiny_llama, tmp_path, policy):
             "engine": {**ENGINE, "kv_compress_policy": policy},
             "extra_args": [None, {"kv_compress_policy": "cake",
                                   "kv_compress_cake_gamma": 50}]}
-    result = run_recorded(spec, tmp_path, policy)
+    result = run_engine_job(spec, tmp_path, policy, script=Path(__file__))
     assert sorted(result["outputs"]) == ["0", "1"]
     assert all(len(t) == 40 for t in result["outputs"].values())
     assert result["evicted"] > 0

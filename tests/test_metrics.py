@@ -3,7 +3,11 @@ visible keys, squared, summed over the window and the GQA group."""
 
 import torch
 
-from vllm_kvcompress.compression.metrics import max_pool_keys, squared_attention
+from vllm_kvcompress.compression.metrics import (
+    max_pool_keys,
+    squared_attention,
+    window_attention,
+)
 
 
 def naive(keys, key_pos, lens, queries, query_pos, scale):
@@ -32,7 +36,7 @@ def test_squared_attention_matches_naive_loop():
     key_pos = torch.stack([torch.randperm(width, generator=gen) for _ in range(heads)])
     queries = torch.randn(window, heads, group, dim, generator=gen)
     query_pos = torch.tensor([3, 9, 14, 18, 19])
-    got = squared_attention(keys, key_pos, lens, queries, query_pos, 0.35)
+    got = squared_attention(window_attention(keys, key_pos, lens, queries, query_pos, 0.35))
     torch.testing.assert_close(got.double(), naive(keys, key_pos, lens, queries,
                                                    query_pos, 0.35), atol=1e-6, rtol=1e-5)
     assert got[2].abs().sum() == 0  # an empty head scores nothing

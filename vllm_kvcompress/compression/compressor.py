@@ -150,7 +150,7 @@ class Compressor:
                 # many compressions).
                 self.kv_metric[layer_slots[valid]] = stats.indicator[valid]
             else:
-                fresh = squared_attention(*inputs)
+                fresh = squared_attention(window_attention(*inputs))
                 if order.after_prompt:
                     fresh = max_pool_keys(fresh, key_positions, lens_t[layer])
                 self.kv_metric[layer_slots[valid]] += fresh[valid]

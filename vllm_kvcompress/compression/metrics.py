@@ -36,17 +36,9 @@ def window_attention(
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key
 
 
-def squared_attention(
-    keys: torch.Tensor,
-    key_positions: torch.Tensor,
-    lens: torch.Tensor,
-    queries: torch.Tensor,
-    query_positions: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Sum over window queries and group heads of p**2, per KV: [H, M]
-    (arguments as for ``window_attention``)."""
-    probs = window_attention(keys, key_positions, lens, queries, query_positions, scale)
+def squared_attention(probs: torch.Tensor) -> torch.Tensor:
+    """KV-Compress's metric from ``window_attention``'s probabilities: p**2
+    summed over the window queries and the group heads, per KV: [H, M]."""
     return probs.square().sum(dim=(1, 2))
 
 

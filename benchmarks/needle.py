@@ -8,7 +8,8 @@ One engine serves every configuration: each request carries its own
 contains its number.
 
     python benchmarks/needle.py [--lengths 2048 4096] [--needles 20]
-        [--rates 2 4 8 16 32 64] [--policies kvcompress snapkv streamingllm random]
+        [--rates 2 4 8 16 32 64]
+        [--policies kvcompress cake snapkv pyramidkv streamingllm random]
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main() -> None:
     parser.add_argument("--needles", type=int, default=20)
     parser.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--policies", nargs="+",
-                        default=["kvcompress", "snapkv", "streamingllm", "random"],
+                        default=["kvcompress", "cake", "snapkv", "pyramidkv",
+                                 "streamingllm", "random"],
                         help="policy names, optionally with settings: "
                         "kvcompress:head_floor=0.5")
     parser.add_argument("--out", default="docs/results/needle.json")

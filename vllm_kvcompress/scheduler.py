@@ -85,9 +85,10 @@ class KVCompressScheduler(Scheduler):
         if need > self.head_pool.num_head_blocks:
             logger.warning(
                 "KV compression: request %s needs %d head-blocks at its peak, "
-                "more than the whole pool (%d); refused. Its own compression "
-                "settings are weaker than the engine's --kv-compress-cascade "
-                "start-up check assumed.", request.request_id, need,
+                "more than the whole pool (%d), so it can never run; ended with "
+                "an error. Its own settings (e.g. a lower per-request rate) "
+                "compress less than the engine's, which the start-up check "
+                "assumed.", request.request_id, need,
                 self.head_pool.num_head_blocks)
             self._refused.extend(
                 self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR))

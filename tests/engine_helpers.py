@@ -1,6 +1,7 @@
 """Helpers for engine tests: run an engine job, make prompts."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,22 @@ def _engine_process(spec: dict, tmp_path: Path, name: str, script: Path):
         capture_output=True, text=True, timeout=900, check=False,
     )
     return proc, out_file
+
+
+def kept_after_prompt(prompt_len: int, heads: int, rate: float, protected: int = 32) -> int:
+    """What the rate asks to keep: 1/rate of the compressible KVs plus the
+    protected window, over all heads."""
+    compressible = (prompt_len - protected) * heads
+    return math.ceil(compressible / rate) + protected * heads
+
+
+def first_compressed(trace, rid, prompt_len):
+    """The first step after the request's prompt was read (and compressed)."""
+    for step in trace:
+        info = step["requests"].get(rid)
+        if info and info["computed"] >= prompt_len:
+            return step
+    raise AssertionError(f"request {rid} never finished its prompt")
 
 
 def mixed_prompts(model_path: str, lengths: list[int], seed: int = 0) -> list[list[int]]:

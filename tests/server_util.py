@@ -60,3 +60,13 @@ def metric(base: str, name: str) -> float:
     if not values:
         raise KeyError(f"{name} not on /metrics")
     return sum(values)
+
+
+def wait_idle(base: str, timeout: float = 120) -> float:
+    """Wait until nothing runs or waits; then vLLM's KV-cache usage."""
+    deadline = time.time() + timeout
+    while (metric(base, "vllm:num_requests_running")
+           + metric(base, "vllm:num_requests_waiting")) > 0:
+        assert time.time() < deadline, "server still busy"
+        time.sleep(0.5)
+    return metric(base, "vllm:kv_cache_usage_perc")

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_helpers import mixed_prompts, run_engine_job
-from test_compression_engine import first_compressed, kept_after_prompt
+from engine_helpers import first_compressed, kept_after_prompt, mixed_prompts, run_engine_job
 
 pytestmark = pytest.mark.engine
 

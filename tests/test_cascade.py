@@ -7,7 +7,13 @@ import math
 
 import pytest
 
-from engine_helpers import engine_job_error, mixed_prompts, run_engine_job
+from engine_helpers import (
+    engine_job_error,
+    first_compressed,
+    kept_after_prompt,
+    mixed_prompts,
+    run_engine_job,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -24,7 +30,7 @@ PLUGIN = dict(kv_compress_rate=RATE, kv_compress_debug=True)
 
 def budget(num_tokens: int) -> int:
     """KVs the rate keeps over all heads (the protected 32 newest whole)."""
-    return math.ceil((num_tokens - 32) * HEADS / RATE) + 32 * HEADS
+    return kept_after_prompt(num_tokens, HEADS, RATE)
 
 
 def test_without_cascading_a_max_model_len_beyond_the_pool_is_refused(tiny_llama, tmp_path):
@@ -73,14 +79,8 @@ def test_the_kept_amount_matches_one_shot_compression(cascaded, tiny_llama, tmp_
     one_shot = run_engine_job({"model": tiny_llama, "prompts": prompts, "max_tokens": 48,
                                "engine": one_shot_engine}, tmp_path, "one_shot")
 
-    def kept_after_prompt(result):
-        for step in result["trace"]:
-            info = step["requests"].get("0")
-            if info and info["computed"] >= LONG:
-                return info["kvs"]
-        raise AssertionError("the prompt was never read")
-
-    for kept in (kept_after_prompt(cascaded), kept_after_prompt(one_shot)):
+    for result in (cascaded, one_shot):
+        kept = first_compressed(result["trace"], "0", LONG)["requests"]["0"]["kvs"]
         assert budget(LONG) <= kept < budget(LONG) + HEADS * BS
 
 

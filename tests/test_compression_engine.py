@@ -6,30 +6,14 @@ import math
 
 import pytest
 
-from engine_helpers import mixed_prompts, run_engine_job
+from engine_helpers import first_compressed, kept_after_prompt, mixed_prompts, run_engine_job
 
 pytestmark = pytest.mark.engine
 
 BS = 32
-PROTECTED = 32
+PROTECTED = 32  # the default protected window
 ENGINE = dict(dtype="float32", max_model_len=4096, enforce_eager=True,
               block_size=BS, max_num_batched_tokens=512, kv_compress_debug=True)
-
-
-def kept_after_prompt(prompt_len: int, heads: int, rate: float) -> int:
-    """What the rate asks to keep: 1/rate of the compressible KVs plus the
-    protected window, over all heads."""
-    compressible = (prompt_len - PROTECTED) * heads
-    return math.ceil(compressible / rate) + PROTECTED * heads
-
-
-def first_compressed(trace, rid, prompt_len):
-    """The first step after the request's prompt was read (and compressed)."""
-    for step in trace:
-        info = step["requests"].get(rid)
-        if info and info["computed"] >= prompt_len:
-            return step
-    raise AssertionError(f"request {rid} never finished its prompt")
 
 
 @pytest.mark.parametrize("rate", [2, 8, 32])

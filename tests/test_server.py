@@ -3,12 +3,10 @@ answers exactly as stock vLLM on /v1/completions and /v1/chat/completions,
 streaming or not, and a client that disconnects mid-stream leaves nothing
 held."""
 
-import time
-
 import pytest
 
 from engine_helpers import mixed_prompts
-from server_util import metric, vllm_server
+from server_util import metric, vllm_server, wait_idle
 
 pytestmark = pytest.mark.engine
 
@@ -70,15 +68,6 @@ def test_answers_equal_stock_vllm(plugin_server, stock_answers, smollm2, long_pr
         assert answers[key] == text, f"{key} differs from stock vLLM"
     # Streaming and non-streaming agree (same greedy decode).
     assert answers["chat-0"] == answers["chat-stream-0"]
-
-
-def wait_idle(base: str, timeout: float = 60) -> float:
-    deadline = time.time() + timeout
-    while True:
-        running = metric(base, "vllm:num_requests_running")
-        if running == 0 or time.time() > deadline:
-            return metric(base, "vllm:kv_cache_usage_perc")
-        time.sleep(0.5)
 
 
 def test_disconnect_mid_stream_frees_everything(plugin_server, smollm2, long_prompt):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from engine_helpers import mixed_texts
-from server_util import metric, vllm_server
+from server_util import metric, vllm_server, wait_idle
 
 pytestmark = pytest.mark.engine
 
@@ -44,14 +44,6 @@ def test_start_up_logs_the_effective_configuration_once(server, server_log):
 
 def kvc(base: str, name: str) -> float:
     return metric(base, f"vllm:kv_compress_{name}")
-
-
-def wait_idle(base: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while (metric(base, "vllm:num_requests_running")
-           + metric(base, "vllm:num_requests_waiting")) > 0:
-        assert time.time() < deadline, "server still busy"
-        time.sleep(0.5)
 
 
 def assert_nothing_held(base: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 
+from .compression.budget import kept_target
 from .config import KVCompressConfig, flag_name
 
 
@@ -20,8 +21,6 @@ def peak_tokens_per_head(settings, num_tokens: int, chunk: int, block_size: int)
     """The most KVs a head of a cascading request holds while its prompt of
     ``num_tokens`` is read: its average budget, one chunk, and one partly
     filled block."""
-    from .compression.compressor import kept_target
-
     budget = kept_target(settings, num_tokens, 1)
     return min(num_tokens, budget + chunk + block_size)
 

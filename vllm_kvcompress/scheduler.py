@@ -15,7 +15,7 @@ from vllm.v1.request import RequestStatus
 
 from .block_manager import HeadBlockPool, PoolBooksError
 from .capacity import peak_tokens_per_head
-from .compression.compressor import kept_target
+from .compression.budget import kept_target
 from .config import KVCompressConfig
 from .kv_cache_manager import HeadBlockKVCacheManager
 from .protocol import REPLY_ATTR, STEP_ATTR, CompressOrder, HeadBooks, StepMessage

@@ -12,6 +12,7 @@ import torch
 
 from ..attention.pool import HeadBlockCache
 from ..head_table import HeadTable
+from .budget import eviction_budget, kept_target
 from .cake import layer_statistics, preference_weights
 from .compaction import apply_moves, slot_moves
 from .layer_budgets import plan_by_layer, pyramid_weights
@@ -26,25 +27,6 @@ class ObservationWindow:
 
     queries: torch.Tensor  # [L, W, Hq, D]
     positions: torch.Tensor  # [W] token positions, -1 where empty
-
-
-def kept_target(settings, num_tokens: int, heads: int) -> int:
-    """KVs a request of ``num_tokens`` tokens should keep over all its heads.
-    Measured on its full length, so repeated compressions hold it near
-    1/rate (or ``max_tokens`` per head on average) instead of shrinking it
-    again and again."""
-    if settings.max_tokens is not None:
-        return settings.max_tokens * heads
-    protected = min(num_tokens, settings.protected_window)
-    compressible = (num_tokens - protected) * heads
-    return math.ceil(compressible / settings.rate) + protected * heads
-
-
-def eviction_budget(settings, lens: np.ndarray, evictable: np.ndarray,
-                    num_tokens: int) -> int:
-    """How many KVs may go now."""
-    target = kept_target(settings, num_tokens, lens.size)
-    return max(0, min(int(evictable.sum()), int(lens.sum()) - target))
 
 
 def keep_best(scores: np.ndarray, count: int) -> np.ndarray:

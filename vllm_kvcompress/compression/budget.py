@@ -1,0 +1,28 @@
+"""How many KVs a request keeps: plain arithmetic shared by the scheduler
+(when to compress, how much a request may hold), the start-up capacity check
+and the worker's compressor."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def kept_target(settings, num_tokens: int, heads: int) -> int:
+    """KVs a request of ``num_tokens`` tokens should keep over all its heads.
+    Measured on its full length, so repeated compressions hold it near
+    1/rate (or ``max_tokens`` per head on average) instead of shrinking it
+    again and again."""
+    if settings.max_tokens is not None:
+        return settings.max_tokens * heads
+    protected = min(num_tokens, settings.protected_window)
+    compressible = (num_tokens - protected) * heads
+    return math.ceil(compressible / settings.rate) + protected * heads
+
+
+def eviction_budget(settings, lens: np.ndarray, evictable: np.ndarray,
+                    num_tokens: int) -> int:
+    """How many KVs may go now."""
+    target = kept_target(settings, num_tokens, lens.size)
+    return max(0, min(int(evictable.sum()), int(lens.sum()) - target))

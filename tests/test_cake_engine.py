@@ -1,4 +1,4 @@
-"""CAKE and PyramidKV in a real engine: every compression keeps each layer
+"""CAKE, PyramidKV and Ada-KV's equal layer split in a real engine: every compression keeps each layer
 within a block per head of its budget, requests complete with the books
 balanced (debug mode), and a request can switch to cake through extra_args.
 
@@ -39,6 +39,7 @@ def record_plans(spec: dict) -> dict:
         protected = held - evictable.sum((1, 2))
         plans.append({
             "variable": variable, "target": target, "heads": lens.shape[1],
+            "equal_weights": bool(np.all(np.asarray(weights) == 1)),
             "held": held.tolist(), "protected": protected.tolist(),
             "budgets": allocate(weights, target, protected, held).tolist(),
             "kept": plan.new_lens.sum(1).tolist(),
@@ -49,7 +50,7 @@ def record_plans(spec: dict) -> dict:
     return {**run(spec), "plans": plans}
 
 
-@pytest.mark.parametrize("policy", ["pyramidkv", "cake"])
+@pytest.mark.parametrize("policy", ["pyramidkv", "cake", "adakv"])
 def test_layers_follow_their_budgets(tiny_llama, tmp_path, policy):
     # Request 0 runs the engine's policy, request 1 switches to cake.
     prompts = mixed_prompts(tiny_llama, [1100, 900], seed=11)
@@ -79,6 +80,11 @@ def test_layers_follow_their_budgets(tiny_llama, tmp_path, policy):
         assert (budgets <= kept).all() and (kept < budgets + p["heads"] * BS).all()
         if not p["variable"] and (budgets < held).all():
             assert budgets[0] > budgets[-1]  # the pyramid
+    if policy == "adakv":  # its plans (not cake's): equal layer budgets
+        equal = [p for p in plans if p["equal_weights"] and len(set(p["protected"])) == 1
+                 and (np.array(p["budgets"]) < np.array(p["held"])).all()]
+        assert equal
+        assert all(max(p["budgets"]) - min(p["budgets"]) <= 1 for p in equal)
 
 
 if __name__ == "__main__":

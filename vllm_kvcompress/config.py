@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Mapping
 
-POLICIES = ("kvcompress", "cake", "snapkv", "pyramidkv", "streamingllm", "random")
+POLICIES = ("kvcompress", "cake", "adakv", "snapkv", "pyramidkv", "streamingllm",
+            "random")
 
 
 class KVCompressConfigError(ValueError):
@@ -122,7 +123,8 @@ SETTINGS = (
             f"Which KVs go: {', '.join(POLICIES)} (default kvcompress: "
             "squared attention of recent queries, blocks ranked across all "
             "layers and heads; cake: per-layer budgets from attention "
-            "entropy and variance, then that ranking within each layer)."),
+            "entropy and variance, then that ranking within each layer; "
+            "adakv: equal layer budgets, that ranking within each layer)."),
     Setting("kv_compress_head_floor", parse_fraction, True,
             "kvcompress only: every KV head keeps at least this fraction of the "
             "request's average per-head budget (default 0: no floor, as in "

@@ -77,8 +77,9 @@ class Compressor:
         if budget <= 0:
             return 0
         if policy.layer_budgets is not None:
-            weights = (preference if policy.layer_budgets == "preference"
-                       else pyramid_weights(len(lens)))
+            weights = {"preference": preference,
+                       "pyramid": pyramid_weights(len(lens)),
+                       "equal": np.ones(len(lens))}[policy.layer_budgets]
             target = kept_target(settings, order.target_tokens, lens.size)
             plan = plan_by_layer(scores, lens, evictable, target, weights,
                                  table.block_size, policy.variable)

@@ -21,7 +21,7 @@ class Policy:
     # How the request's kept target is split over layers: None (not split:
     # the ranking or the equal count spans all layers), "preference" (CAKE's
     # attention entropy and variance), "pyramid" (PyramidKV, shrinking with
-    # depth).
+    # depth), "equal" (the same for every layer, as Ada-KV does).
     layer_budgets: str | None = None
     min_sinks: int = 0
 
@@ -37,6 +37,9 @@ class Policy:
 POLICIES = {
     "kvcompress": Policy("kvcompress", variable=True, metric="squared"),
     "cake": Policy("cake", variable=True, metric="cake", layer_budgets="preference"),
+    # Ada-KV's split: equal layer quotas, heads of a layer ranked against
+    # each other; isolates what kvcompress's cross-layer ranking changes.
+    "adakv": Policy("adakv", variable=True, metric="squared", layer_budgets="equal"),
     "snapkv": Policy("snapkv", variable=False, metric="squared"),
     "pyramidkv": Policy("pyramidkv", variable=False, metric="squared",
                         layer_budgets="pyramid"),

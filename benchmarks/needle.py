@@ -10,6 +10,7 @@ contains its number.
     python benchmarks/needle.py [--lengths 2048 4096] [--needles 20]
         [--rates 2 4 8 16 32 64]
         [--policies kvcompress cake snapkv pyramidkv streamingllm random]
+    python benchmarks/needle.py --report RUN.json [MORE.json ...] --out MERGED.json
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def make_cases(tokenizer, length: int, needles: int, seed: int) -> list[dict]:
         context = haystack[start:start + room]
         at = int(depth * room)
         cases.append({"ids": context[:at] + needle + context[at:] + question,
-                      "number": str(number), "depth": round(depth, 3)})
+                      "number": str(number), "city": city, "depth": round(depth, 3)})
     return cases
 
 
@@ -76,11 +77,13 @@ def main() -> None:
                         help="policy names, optionally with settings: "
                         "kvcompress:head_floor=0.5")
     parser.add_argument("--out", default="docs/results/needle.json")
-    parser.add_argument("--report", metavar="JSON",
-                        help="only render the table and plot of an earlier run")
+    parser.add_argument("--report", metavar="JSON", nargs="+",
+                        help="only render the table and plot of earlier runs; "
+                        "several are merged into --out (greedy decoding and "
+                        "length-seeded cases make runs of one length composable)")
     args = parser.parse_args()
     if args.report:
-        return report(Path(args.report))
+        return report(merge([Path(p) for p in args.report], Path(args.out)))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     import vllm_kvcompress  # noqa: F401
@@ -128,6 +131,25 @@ def main() -> None:
     report(Path(args.out))
 
 
+def merge(paths: list[Path], out: Path) -> Path:
+    """One result file from several runs; a configuration found in two runs
+    must agree (same cases, deterministic answers), else the runs differ."""
+    if len(paths) == 1:
+        return paths[0]
+    accuracy, cases = {}, []
+    for path in paths:
+        data = json.loads(path.read_text())
+        for key, value in data["accuracy"].items():
+            if accuracy.setdefault(key, value) != value:
+                raise SystemExit(f"{key}: {accuracy[key]} in one run, {value} in "
+                                 f"{path}; these runs are not comparable")
+        known = {(c["length"], c["policy"], c["rate"]) for c in cases}
+        cases += [c for c in data["cases"]
+                  if (c["length"], c["policy"], c["rate"]) not in known]
+    out.write_text(json.dumps({"accuracy": accuracy, "cases": cases}, indent=1) + "\n")
+    return out
+
+
 def report(path: Path) -> None:
     """Markdown table (printed, and saved beside the JSON) and a PNG plot."""
     import matplotlib
@@ -158,6 +180,11 @@ def report(path: Path) -> None:
         ax.minorticks_off()
         ax.set_xticks(rates, [f"{r:g}" for r in rates])
         ax.legend()
+    save_report(fig, lines, path)
+
+
+def save_report(fig, lines: list[str], path: Path) -> None:
+    """The plot as PNG and the markdown lines beside ``path``; lines printed."""
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=110)
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -128,8 +128,38 @@ def main() -> None:
     report(Path(args.out))
 
 
+def digit_shares(rows: list[dict]) -> np.ndarray:
+    """[N, L, H]: the share of its needle's digits each head kept."""
+    heads = np.array([r["digits_per_head"] for r in rows], dtype=float)
+    return heads / np.array([r["num_digits"] for r in rows], dtype=float)[:, None, None]
+
+
+def key_head(rows: list[dict]) -> tuple[int, int]:
+    """The (layer, KV head) whose keeping every digit best predicts a found
+    needle, over all compressed cases (found from the data, not assumed)."""
+    whole = (digit_shares(rows) == 1).reshape(len(rows), -1).astype(float)
+    found = np.array([r["found"] for r in rows], dtype=float)
+    spread = whole.std(0) * found.std()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.where(spread > 0, ((whole - whole.mean(0)) * (found - found.mean())[:, None])
+                        .mean(0) / spread, -1)
+    return tuple(int(i) for i in np.unravel_index(np.argmax(corr),
+                                                  digit_shares(rows).shape[1:]))
+
+
+def sign_test(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """Paired cases found by only a, only b, and the exact two-sided p."""
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return only_a, only_b, p
+
+
 def report(path: Path) -> None:
-    """Found rate +- SE, layer shares of kept KVs and of surviving digits."""
+    """Found rate +- SE, how often the key head kept the whole number, paired
+    comparisons with the first policy, and by layer the shares of kept KVs
+    and of surviving digits."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,28 +169,38 @@ def report(path: Path) -> None:
     groups: dict[tuple, list] = {}
     for row in data["cases"]:
         groups.setdefault((row["policy"], row["rate"]), []).append(row)
-    lines = [f"**{data['length']}-token haystacks**\n",
-             "| policy | rate | found | SE | digits kept (all heads) | "
-             "cases with every digit in every head |", "| --- | --- | --- | --- | --- | --- |"]
+    layer, head = key_head([r for r in data["cases"] if "digits_per_head" in r])
+    lines = [f"**{data['length']}-token haystacks**; key head: layer {layer}, KV head {head}\n",
+             "| policy | rate | found | SE | digits kept (all heads) | key head keeps "
+             "the number | found if it does | found if not |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for (policy, rate), rows in groups.items():
-        found = np.mean([r["found"] for r in rows])
-        se = math.sqrt(found * (1 - found) / len(rows))
-        line = f"| {policy} | {rate:g} | {found:.2f} | {se:.2f} |"
-        if "digits_per_head" in rows[0]:
-            heads = np.array([r["digits_per_head"] for r in rows], dtype=float)  # [N, L, H]
-            total = np.array([r["num_digits"] for r in rows], dtype=float)
-            share = heads / total[:, None, None]
-            whole = (share == 1).all(axis=(1, 2)).mean()
-            line += f" {share.mean():.2f} | {whole:.2f} |"
-            layers = np.arange(heads.shape[1])
-            label = f"{policy} rate {rate:g}"
-            axes[0].plot(layers, share.mean(axis=(0, 2)), label=label)
-            kept = np.array([r["kept_per_layer"] for r in rows], dtype=float)
-            axes[1].plot(layers, (kept / kept.sum(1, keepdims=True)).mean(0), label=label)
-        else:
-            line += " (not compressed) | |"
-        lines.append(line)
+        found = np.array([r["found"] for r in rows])
+        se = math.sqrt(found.mean() * (1 - found.mean()) / len(rows))
+        line = f"| {policy} | {rate:g} | {found.mean():.2f} | {se:.2f} |"
+        if "digits_per_head" not in rows[0]:
+            lines.append(line + " (not compressed) | | | |")
+            continue
+        share = digit_shares(rows)
+        kept_number = share[:, layer, head] == 1
+        rate_if = [f"{found[m].mean():.2f}" if m.any() else "-"
+                   for m in (kept_number, ~kept_number)]
+        lines.append(line + f" {share.mean():.2f} | {kept_number.mean():.2f} | "
+                     + " | ".join(rate_if) + " |")
+        label = f"{policy} rate {rate:g}"
+        axes[0].plot(share.mean(axis=(0, 2)), label=label)
+        kept = np.array([r["kept_per_layer"] for r in rows], dtype=float)
+        axes[1].plot((kept / kept.sum(1, keepdims=True)).mean(0), label=label)
+    first = next(p for p, _ in groups if p != "full")
+    lines += ["", f"Paired with {first} (same needles): found by only one of the two, "
+              "exact sign-test p\n", "| rate | other | only " + first
+              + " | only other | p |", "| --- | --- | --- | --- | --- |"]
+    for (policy, rate), rows in groups.items():
+        if policy not in ("full", first) and (first, rate) in groups:
+            mine = [r["found"] for r in groups[(first, rate)]]
+            a, b, p = sign_test(mine, [r["found"] for r in rows])
+            lines.append(f"| {rate:g} | {policy} | {a} | {b} | {p:.3f} |")
     axes[0].set(xlabel="layer", ylabel="needle digits kept (mean over heads, cases)",
                 ylim=(-0.05, 1.05))
     axes[1].set(xlabel="layer", ylabel="share of the request's kept KVs")

@@ -1,6 +1,7 @@
-"""CAKE, PyramidKV and Ada-KV's equal layer split in a real engine: every compression keeps each layer
-within a block per head of its budget, requests complete with the books
-balanced (debug mode), and a request can switch to cake through extra_args.
+"""CAKE, PyramidKV and Ada-KV's equal layer split in a real engine: every
+compression keeps each layer within a block per head of its budget, requests
+complete with the books balanced (debug mode), and a request can switch to
+cake through extra_args.
 
 The engine job's trace has no per-layer lengths, so this file doubles as a
 job script: run directly, it wraps ``engine_job.run`` and records, for each

@@ -172,8 +172,9 @@ def report(path: Path) -> None:
                   "| --- |" + " --- |" * len(rates)]
         for policy, by_rate in by_policy.items():
             lines.append(f"| {policy} | " + " | ".join(
-                f"{by_rate.get(r, float('nan')):.2f}" for r in rates) + " |")
-            ax.plot(rates, [by_rate[r] for r in rates], "o-", label=policy)
+                f"{by_rate[r]:.2f}" if r in by_rate else "-" for r in rates) + " |")
+            have = [r for r in rates if r in by_rate]  # merged runs may differ
+            ax.plot(have, [by_rate[r] for r in have], "o-", label=policy)
         ax.axhline(full, color="grey", ls="--", label="full cache")
         ax.set(xscale="log", xlabel="compression rate", ylabel="needles found",
                title=f"SmolLM2-135M, {length}-token haystacks", ylim=(-0.05, 1.05))

@@ -10,8 +10,8 @@ with its binomial standard error and, per policy and rate, each layer's
 share of the kept KVs and of the surviving digits; the plot shows the
 latter two by layer.
 
-    python benchmarks/needle_survival.py [--length 2048] [--needles 60]
-        [--rates 2 4] [--policies kvcompress adakv snapkv]
+    python benchmarks/needle_survival.py [--length 2048] [--needles 100]
+        [--rates 2 4] [--policies kvcompress adakv snapkv cake]
 """
 
 from __future__ import annotations
@@ -55,15 +55,15 @@ def install_recorder(records: dict) -> None:
 
     def compress(self, table, window, order):
         evicted = original_compress(self, table, window, order)
-        req_id = order_of_ids.pop(0)
-        if order.after_prompt and req_id not in records:
+        request = order_of_ids.pop(0).split("-")[0]  # "<n>-<hash>" -> LLM's n
+        if order.after_prompt and request not in records:
             bs = table.block_size
             width = int(table.lens.max())
             logical = np.arange(width)
             slots = table.table[:, :, logical // bs].astype(np.int64) * bs + logical % bs
             held = logical[None, None, :] < table.lens[..., None]
             positions = self.kv_position.view(-1)[np.where(held, slots, 0)].numpy()
-            records[req_id] = np.where(held, positions, -1)
+            records[request] = np.where(held, positions, -1)
         return evicted
 
     KVCompressModelRunner._compress, Compressor.compress = step, compress
@@ -72,10 +72,11 @@ def install_recorder(records: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--needles", type=int, default=60)
+    parser.add_argument("--needles", type=int, default=100)
     parser.add_argument("--rates", type=float, nargs="+", default=[2, 4])
-    parser.add_argument("--policies", nargs="+", default=["kvcompress", "adakv", "snapkv"])
-    parser.add_argument("--out", default="docs/results/needle-survival.json")
+    parser.add_argument("--policies", nargs="+",
+                        default=["kvcompress", "adakv", "snapkv", "cake"])
+    parser.add_argument("--out", default="docs/results/needle-survival-2k.json")
     parser.add_argument("--report", metavar="JSON",
                         help="only render the summary and plot of an earlier run")
     args = parser.parse_args()
@@ -102,7 +103,7 @@ def main() -> None:
     jobs = [(policy, rate, case) for policy, rate in configs for case in cases]
     results = []
     with tqdm(total=len(jobs), desc=f"{args.length}-token needles") as bar:
-        for i in range(0, len(jobs), 8 * 4):
+        for i in range(0, len(jobs), 32):
             batch = jobs[i:i + 32]
             params = [SamplingParams(temperature=0.0, max_tokens=12, extra_args={
                 "kv_compress_rate": rate,
@@ -113,8 +114,7 @@ def main() -> None:
             for (policy, rate, case), out in zip(batch, outputs):
                 row = {"policy": policy, "rate": rate, "depth": case["depth"],
                        "found": case["number"] in out.outputs[0].text}
-                kept = next((v for k, v in records.items()
-                             if k.split("-")[0] == out.request_id.split("-")[0]), None)
+                kept = records.get(out.request_id.split("-")[0])
                 if kept is not None:
                     digits = np.array(digit_positions(tokenizer, case))
                     row["kept_per_layer"] = (kept >= 0).sum(axis=(1, 2)).tolist()

@@ -15,7 +15,7 @@ from ..head_table import HeadTable
 from .budget import eviction_budget, kept_target
 from .cake import layer_statistics, preference_weights
 from .compaction import apply_moves, slot_moves
-from .layer_budgets import plan_by_layer, pyramid_weights
+from .layer_budgets import layer_weights, plan_by_layer
 from .metrics import max_pool_keys, squared_attention, window_attention
 from .planner import evictable_mask, plan_uniform, plan_variable
 from .policies import POLICIES
@@ -77,9 +77,7 @@ class Compressor:
         if budget <= 0:
             return 0
         if policy.layer_budgets is not None:
-            weights = {"preference": preference,
-                       "pyramid": pyramid_weights(len(lens)),
-                       "equal": np.ones(len(lens))}[policy.layer_budgets]
+            weights = layer_weights(policy.layer_budgets, len(lens), preference)
             target = kept_target(settings, order.target_tokens, lens.size)
             plan = plan_by_layer(scores, lens, evictable, target, weights,
                                  table.block_size, policy.variable)

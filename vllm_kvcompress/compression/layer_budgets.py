@@ -27,6 +27,19 @@ def pyramid_weights(num_layers: int, beta: float = PYRAMID_BETA) -> np.ndarray:
     return np.linspace(2 - 1 / beta, 1 / beta, num_layers)
 
 
+def layer_weights(kind: str, num_layers: int,
+                  preference: np.ndarray | None = None) -> np.ndarray:
+    """A policy's layer split: "preference" (CAKE's, computed from this
+    window's attention and passed in), "pyramid" or "equal" (Ada-KV)."""
+    if kind == "preference":
+        return preference
+    if kind == "pyramid":
+        return pyramid_weights(num_layers)
+    if kind == "equal":
+        return np.ones(num_layers)
+    raise ValueError(f"unknown layer split {kind!r}")
+
+
 def allocate(weights: np.ndarray, total: int, floors: np.ndarray,
              caps: np.ndarray) -> np.ndarray:
     """Integer budgets, ``floors <= b <= caps``, summing exactly to

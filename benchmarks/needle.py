@@ -62,7 +62,9 @@ def make_cases(tokenizer, length: int, needles: int, seed: int) -> list[dict]:
         context = haystack[start:start + room]
         at = int(depth * room)
         cases.append({"ids": context[:at] + needle + context[at:] + question,
-                      "number": str(number), "city": city, "depth": round(depth, 3)})
+                      "number": str(number), "depth": round(depth, 3),
+                      "needle": [len(context[:at]) + i for i in range(len(needle))],
+                      "needle_ids": needle})
     return cases
 
 

@@ -26,18 +26,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from needle import NEEDLE, make_cases, policy_args, save_report  # noqa: E402
+from needle import make_cases, policy_args, save_report  # noqa: E402
 
 
 def digit_positions(tokenizer, case: dict) -> list[int]:
     """Prompt positions of the needle's number tokens."""
-    ids = case["ids"]
-    number = tokenizer(NEEDLE.format(city=case["city"], number=case["number"]))["input_ids"]
-    for start in range(len(ids) - len(number) + 1):
-        if ids[start:start + len(number)] == number:
-            return [start + i for i, t in enumerate(number)
-                    if tokenizer.decode([t]).strip().isdigit()]
-    raise ValueError("needle not found in its prompt")
+    return [at for at, token in zip(case["needle"], case["needle_ids"])
+            if tokenizer.decode([token]).strip().isdigit()]
 
 
 def install_recorder(records: dict) -> None:
@@ -137,14 +132,14 @@ def digit_shares(rows: list[dict]) -> np.ndarray:
 def key_head(rows: list[dict]) -> tuple[int, int]:
     """The (layer, KV head) whose keeping every digit best predicts a found
     needle, over all compressed cases (found from the data, not assumed)."""
-    whole = (digit_shares(rows) == 1).reshape(len(rows), -1).astype(float)
+    shares = digit_shares(rows)
+    whole = (shares == 1).reshape(len(rows), -1).astype(float)
     found = np.array([r["found"] for r in rows], dtype=float)
     spread = whole.std(0) * found.std()
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.where(spread > 0, ((whole - whole.mean(0)) * (found - found.mean())[:, None])
                         .mean(0) / spread, -1)
-    return tuple(int(i) for i in np.unravel_index(np.argmax(corr),
-                                                  digit_shares(rows).shape[1:]))
+    return tuple(int(i) for i in np.unravel_index(np.argmax(corr), shares.shape[1:]))
 
 
 def sign_test(a: list[bool], b: list[bool]) -> tuple[int, int, float]:

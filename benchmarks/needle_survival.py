@@ -39,10 +39,10 @@ def install_recorder(records: dict) -> None:
     """Record, per request, the token positions each (layer, head) holds
     right after its first compression (the one after the prompt)."""
     from vllm_kvcompress.compression.compressor import Compressor
-    from vllm_kvcompress.runner import KVCompressModelRunner
+    from vllm_kvcompress.worker.runner import HeadPagedRunnerMixin
 
     order_of_ids: list[str] = []
-    original_step, original_compress = KVCompressModelRunner._compress, Compressor.compress
+    original_step, original_compress = HeadPagedRunnerMixin._compress, Compressor.compress
 
     def step(self, message):
         order_of_ids[:] = list(message.compress) if message.compress else []
@@ -61,7 +61,7 @@ def install_recorder(records: dict) -> None:
             records[request] = np.where(held, positions, -1)
         return evicted
 
-    KVCompressModelRunner._compress, Compressor.compress = step, compress
+    HeadPagedRunnerMixin._compress, Compressor.compress = step, compress
 
 
 def main() -> None:

@@ -92,6 +92,8 @@ def run(spec: dict) -> dict:
         "held_around_abort": [held_before, held_after],
         "aborted_in_compression": aborted_in_compression,
         "peak_blocks": peak_blocks,
+        # vLLM compiled the model (no enforce_eager, compilation mode on).
+        "compiled": compiled_mode(engine),
     }
     if pool is not None:
         result["evicted"] = scheduler.stats.kvs_evicted
@@ -104,6 +106,14 @@ def run(spec: dict) -> dict:
             "tables": sorted(pool.tables),
         }
     return result
+
+
+def compiled_mode(engine) -> bool:
+    from vllm.config import CompilationMode
+
+    config = engine.vllm_config
+    return (not config.model_config.enforce_eager
+            and config.compilation_config.mode != CompilationMode.NONE)
 
 
 def abort_while_compressing(engine, scheduler, indices, aborted: list) -> None:

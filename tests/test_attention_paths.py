@@ -8,10 +8,12 @@ import pytest
 import torch
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from vllm_kvcompress.attention import cpu_paged, torch_paged
-from vllm_kvcompress.attention.pool import HeadBlockCache
+from vllm_kvcompress.attention.ops import cpu as cpu_paged, torch_ref as torch_paged
+from vllm_kvcompress.attention.pool_view import HeadBlockCache
+from vllm_kvcompress.attention.builder import StepInputs, build_metadata
 from vllm_kvcompress.head_table import HeadTable
-from vllm_kvcompress.step_builder import build_step
+from vllm_kvcompress.protocol import BlockGrant
+from vllm_kvcompress.worker.batch_tables import BatchHeadTables
 
 PATHS = {"cpu_ops": cpu_paged, "torch": torch_paged}
 
@@ -39,6 +41,23 @@ def scenario(rng, num_heads, group, head_dim, block_size, new_tokens, max_histor
     step_v = torch.randn(total, num_heads, head_dim, generator=gen)
     query = torch.randn(total, num_heads * group, head_dim, generator=gen)
     return tables, history, hist_kv, step_k, step_v, query, need + 5
+
+
+def engine_step(tables, new_tokens, pool):
+    """The engine's path for one step: the requests' tables placed in a
+    persistent batch through grants, slots from ``advance``, metadata from
+    the builder's ``build_metadata``."""
+    num_layers, num_heads = tables[0].shape
+    batch = BatchHeadTables(num_layers, num_heads, pool.block_size, len(tables))
+    for row, table in enumerate(tables):
+        batch.add_row(row, str(row))
+        batch.apply_grants({str(row): [BlockGrant(
+            True, table.nblocks.astype(np.int32), table.held_ids())]})
+        batch.lens[:, row] = torch.from_numpy(table.lens)
+    slots = batch.advance(np.asarray(new_tokens))
+    starts = torch.from_numpy(np.cumsum([0] + list(new_tokens)).astype(np.int32))
+    metadata = build_metadata(StepInputs(pool, batch, {"l0": 0}), len(tables), starts)
+    return metadata, slots
 
 
 def write_history(path, pool, tables, history, hist_kv, isa):
@@ -91,7 +110,7 @@ def test_per_head_attention_matches_dense(path_name, num_heads, group, head_dim,
     isa = _get_attn_isa(torch.float32, block_size, head_dim, "auto")
     pool = HeadBlockCache.empty(num_blocks, block_size, head_dim, torch.float32)
     write_history(path, pool, tables, history, hist_kv, isa)
-    metadata, slots = build_step(tables, new_tokens, sum(new_tokens), pool, {"l0": 0})
+    metadata, slots = engine_step(tables, new_tokens, pool)
     path.write_cache(pool, step_k, step_v, slots[0], isa)
     output = torch.zeros_like(query)
     scale = head_dim ** -0.5

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from vllm_kvcompress.block_manager import HeadBlockPool, PoolBooksError
+from vllm_kvcompress.protocol import PoolBooksError
+from vllm_kvcompress.scheduler.pool import HeadBlockPool
 from vllm_kvcompress.head_table import HeadTable
 
 L, H, BS = 3, 2, 4

@@ -8,15 +8,12 @@ import pytest
 import torch
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from vllm_kvcompress.attention import cpu_paged, torch_paged
+from vllm_kvcompress.attention.ops import cpu as cpu_paged, torch_ref as torch_paged
 from vllm_kvcompress.attention.metadata import HeadPagedMetadata
-from vllm_kvcompress.attention.pool import HeadBlockCache
-from vllm_kvcompress.compression.compaction import (
-    apply_moves,
-    compaction_moves,
-    probe_layout,
-    slot_moves,
-)
+from vllm_kvcompress.attention.pool_view import HeadBlockCache
+from vllm_kvcompress.attention.ops.cpu import key_layout as probe_layout
+from vllm_kvcompress.attention.ops.moves import apply_moves
+from vllm_kvcompress.compression.compaction import compaction_moves, slot_moves
 from vllm_kvcompress.compression.planner import evictable_mask, plan_variable
 from vllm_kvcompress.head_table import HeadTable
 

@@ -1,5 +1,6 @@
 """With nothing evicted (rate 1), the plugin's greedy outputs equal stock
-vLLM's token for token, and the head-block books balance after every step."""
+vLLM's token for token, in vLLM's default compiled mode and in eager mode,
+and the head-block books balance after every step."""
 
 import pytest
 
@@ -9,20 +10,27 @@ pytestmark = pytest.mark.engine
 
 # Chunked prefill splits every prompt longer than the 512-token step budget.
 ENGINE = dict(
-    dtype="float32", max_model_len=4096, enforce_eager=True, block_size=32,
+    dtype="float32", max_model_len=4096, block_size=32,
     max_num_batched_tokens=512, enable_prefix_caching=False, max_num_seqs=16,
 )
 LENGTHS = [2000, 7, 1500, 64, 700, 33, 1024, 260, 1]
 
 
-def compare(model: str, tmp_path, name: str, max_tokens: int = 64):
+# vLLM's default (compiled: Dynamo + inductor around the attention ops) and
+# eager mode; stock and plugin are compared in the same mode.
+MODES = {"compiled": {}, "eager": {"enforce_eager": True}}
+
+
+def compare(model: str, tmp_path, name: str, mode: str, max_tokens: int = 64):
     prompts = mixed_prompts(model, LENGTHS)
     spec = {"model": model, "prompts": prompts, "max_tokens": max_tokens}
-    stock = run_engine_job({**spec, "engine": ENGINE}, tmp_path, f"{name}-stock")
+    engine = {**ENGINE, **MODES[mode]}
+    stock = run_engine_job({**spec, "engine": engine}, tmp_path, f"{name}-stock")
     plugin = run_engine_job(
-        {**spec, "engine": {**ENGINE, "kv_compress_rate": 1, "kv_compress_debug": True}},
+        {**spec, "engine": {**engine, "kv_compress_rate": 1, "kv_compress_debug": True}},
         tmp_path, f"{name}-plugin",
     )
+    assert plugin["compiled"] == (mode == "compiled")
     return stock, plugin
 
 
@@ -40,8 +48,9 @@ def assert_all_returned(plugin: dict):
     assert max(step["held"] for step in plugin["trace"]) > 0
 
 
-def test_smollm2_matches_stock_vllm(smollm2, tmp_path):
-    stock, plugin = compare(smollm2, tmp_path, "smollm2")
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_smollm2_matches_stock_vllm(smollm2, tmp_path, mode):
+    stock, plugin = compare(smollm2, tmp_path, "smollm2", mode)
     assert_same_tokens(stock, plugin, len(LENGTHS), 64)
     assert_all_returned(plugin)
     # vLLM's KV-usage metric reads the head-block pool.
@@ -52,7 +61,8 @@ def test_smollm2_matches_stock_vllm(smollm2, tmp_path):
     assert max(s["usage"] for s in plugin["trace"]) > 0
 
 
-def test_tiny_gqa_llama_matches_stock_vllm(tiny_llama, tmp_path):
-    stock, plugin = compare(tiny_llama, tmp_path, "tiny", max_tokens=80)
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_tiny_gqa_llama_matches_stock_vllm(tiny_llama, tmp_path, mode):
+    stock, plugin = compare(tiny_llama, tmp_path, "tiny", mode, max_tokens=80)
     assert_same_tokens(stock, plugin, len(LENGTHS), 80)
     assert_all_returned(plugin)

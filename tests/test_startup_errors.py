@@ -12,7 +12,7 @@ from vllm.engine.arg_utils import EngineArgs
 
 import vllm_kvcompress  # noqa: F401  (adds the LLM keyword)
 from vllm_kvcompress.config import POLICIES, KVCompressConfigError
-from vllm_kvcompress.engine_config import UnsupportedSetupError
+from vllm_kvcompress.engine_args import UnsupportedSetupError
 
 
 def config_only_model(tmp_path_factory, tokenizer_from: str, name: str, config) -> str:

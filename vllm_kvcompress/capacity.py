@@ -13,16 +13,8 @@ from __future__ import annotations
 import functools
 import math
 
-from .compression.budget import kept_target
+from .compression.budget import peak_tokens_per_head
 from .config import KVCompressConfig, flag_name
-
-
-def peak_tokens_per_head(settings, num_tokens: int, chunk: int, block_size: int) -> int:
-    """The most KVs a head of a cascading request holds while its prompt of
-    ``num_tokens`` is read: its average budget, one chunk, and one partly
-    filled block."""
-    budget = kept_target(settings, num_tokens, 1)
-    return min(num_tokens, budget + chunk + block_size)
 
 
 def install() -> None:

@@ -23,6 +23,14 @@ class HeadTable:
         self.nblocks = np.zeros((num_layers, num_kv_heads), dtype=np.int64)
         self.lens = np.zeros((num_layers, num_kv_heads), dtype=np.int64)
 
+    @classmethod
+    def from_arrays(cls, table: np.ndarray, nblocks: np.ndarray, lens: np.ndarray,
+                    block_size: int) -> "HeadTable":
+        """A table over given arrays (the worker's copy of one batch row)."""
+        made = cls(*lens.shape, block_size)
+        made.table, made.nblocks, made.lens = table, nblocks, lens
+        return made
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.lens.shape  # type: ignore[return-value]

@@ -117,15 +117,15 @@ def _patch_create_engine_config(engine_args_cls) -> None:
 
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
-        from . import engine_config
+        from . import engine_args
 
         config = KVCompressConfig.from_additional_config(self.additional_config)
         if config is None:
             return original(self, *args, **kwargs)
-        engine_config.check_engine_args(self)
-        engine_config.apply_engine_args(self, config)
+        engine_args.check_engine_args(self)
+        engine_args.apply_engine_args(self, config)
         vllm_config = original(self, *args, **kwargs)
-        engine_config.check_vllm_config(vllm_config)
+        engine_args.check_vllm_config(vllm_config)
         return vllm_config
 
     engine_args_cls.create_engine_config = create_engine_config

@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+class PoolBooksError(RuntimeError):
+    """The head-block books do not balance, or the scheduler and the worker
+    disagree about them (a bug; checked in debug mode)."""
+
+
 # Attribute name on SchedulerOutput.
 STEP_ATTR = "kv_compress_step"
 

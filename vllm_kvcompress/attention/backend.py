@@ -1,40 +1,28 @@
 """The attention backend registered in place of vLLM's CPU_ATTN when
 compression is on: cache writes and attention go to each KV head's own blocks.
 
-The metadata is built by the model runner (it owns the per-head tables); the
-builder only hands it over. Stock vLLM's CPU backend is reused for everything
-that does not touch the cache layout (head sizes, dtypes, layouts).
+The metadata comes from ``builder.HeadPagedMetadataBuilder``; the kernels
+from an ops implementation (``ops/``). Stock vLLM's CPU backend is reused for
+everything that does not touch the cache layout (head sizes, dtypes,
+layouts). Attention and the cache write stay vLLM's splitting ops, so the
+rest of the model runs compiled.
 """
 
 from __future__ import annotations
 
 import torch
 from vllm.config import get_current_vllm_config
-from vllm.v1.attention.backend import AttentionMetadataBuilder
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
     _get_attn_isa,
 )
 
-from . import cpu_paged
-from .metadata import HeadPagedMetadata, current
+from .builder import HeadPagedMetadataBuilder
+from .ops.cpu import CpuOps
+from .pool_view import HeadBlockCache
 
 BACKEND_PATH = "vllm_kvcompress.attention.backend.HeadPagedBackend"
-
-
-class HeadPagedMetadataBuilder(AttentionMetadataBuilder[HeadPagedMetadata]):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-
-    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        metadata = current()
-        if metadata is None:
-            raise RuntimeError(
-                "per-head attention metadata missing: the model runner did not "
-                "prepare this step (is the vllm_kvcompress worker in use?)"
-            )
-        return metadata
 
 
 class HeadPagedImpl(CPUAttentionBackendImpl):
@@ -42,45 +30,51 @@ class HeadPagedImpl(CPUAttentionBackendImpl):
         super().__init__(*args, **kwargs)
         if self.alibi_slopes is not None or self.sinks is not None:
             raise NotImplementedError(
-                "KV compression does not support ALiBi or attention-sink models"
-            )
+                "KV compression does not support ALiBi or attention-sink models")
         if self.logits_soft_cap:
             raise NotImplementedError(
-                "KV compression does not support attention logit soft-capping"
-            )
+                "KV compression does not support attention logit soft-capping")
         config = get_current_vllm_config()
         self.isa = _get_attn_isa(
-            config.model_config.dtype,
-            config.cache_config.block_size,
-            self.head_size,
-            self.kv_cache_dtype,
-        )
+            config.model_config.dtype, config.cache_config.block_size,
+            self.head_size, self.kv_cache_dtype)
+        self.ops = CpuOps(self.isa)
+        self.pool: HeadBlockCache | None = None
+
+    def bind_pool(self, pool: HeadBlockCache) -> None:
+        """The runner hands every layer the head-block pool view."""
+        self.pool = pool
+
+    def _quant(self, layer) -> dict:
+        return dict(kv_cache_dtype=self.kv_cache_dtype,
+                    k_scale=layer._k_scale_float, v_scale=layer._v_scale_float)
+
+    def _bound_pool(self) -> HeadBlockCache:
+        if self.pool is None:
+            raise RuntimeError(
+                "per-head attention ran before the model runner bound the "
+                "head-block pool (is the vllm_kvcompress worker in use?)")
+        return self.pool
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        metadata = current()
-        if metadata is None:  # profiling / warm-up run: nothing to keep
-            return
-        cpu_paged.write_cache(
-            metadata.pool, key, value, slot_mapping, self.isa,
-            kv_cache_dtype=self.kv_cache_dtype,
-            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-        )
+        # Profiling and warm-up runs send all -1 slots: nothing is written.
+        self.ops.write_cache(self._bound_pool(), key, value, slot_mapping,
+                             **self._quant(layer))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported")
-        if attn_metadata is None:  # profiling / warm-up run
-            return output
+        if attn_metadata is None:  # profiling / warm-up / compile run
+            return output.fill_(0)
         layer_index = attn_metadata.layer_index[layer.layer_name]
-        if attn_metadata.capture_rows is not None:
-            attn_metadata.captured[layer_index] = query[attn_metadata.capture_rows]
-        cpu_paged.attend(
-            attn_metadata.pool, attn_metadata, layer_index,
-            query, output.view(output.shape[0], self.num_heads, self.head_size),
-            self.scale, self.isa, kv_cache_dtype=self.kv_cache_dtype,
-            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-        )
+        capture = attn_metadata.capture
+        if capture is not None:
+            capture.captured[layer_index] = query[capture.rows]
+        self.ops.attend(
+            attn_metadata.pool, attn_metadata, layer_index, query,
+            output.view(output.shape[0], self.num_heads, self.head_size),
+            self.scale, **self._quant(layer))
         return output
 
 

@@ -1,4 +1,5 @@
-"""What one forward step needs to attend per head, built by the model runner.
+"""What one forward step needs to attend per head, built by the metadata
+builder (``builder.py``) from the runner's persistent per-head tables.
 
 Every (request, KV head) is a one-head sequence: its own block-table row and
 length in the pool of head-blocks. Row ``r * H + h`` is request r's KV head h.
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .pool import HeadBlockCache
+from .pool_view import HeadBlockCache
 
 
 @dataclass
@@ -28,10 +29,8 @@ class HeadPagedMetadata:
     # token-major view; None when every request has one query (decode).
     head_major_rows: torch.Tensor | None
     layer_index: dict[str, int]
-    # Token rows whose queries are kept for the observation windows, and
-    # what the backend copied out, by layer index.
-    capture_rows: torch.Tensor | None = None
-    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Query rows to keep for the observation windows (None: none this step).
+    capture: "QueryCapture | None" = None
     # Per-layer values derived lazily by the attention path (e.g. the C++
     # kernel's work split), shared by layers whose lengths are equal.
     layer_cache: dict = field(default_factory=dict)
@@ -52,13 +51,10 @@ class HeadPagedMetadata:
             rows[self.head_major_rows] = heads
 
 
-_current: HeadPagedMetadata | None = None
+@dataclass
+class QueryCapture:
+    """Token rows whose queries the observation windows keep this step, and
+    what the backend copied out of each layer (layer index -> [rows, Hq, D])."""
 
-
-def set_current(metadata: HeadPagedMetadata | None) -> None:
-    global _current
-    _current = metadata
-
-
-def current() -> HeadPagedMetadata | None:
-    return _current
+    rows: torch.Tensor
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -26,3 +26,11 @@ def eviction_budget(settings, lens: np.ndarray, evictable: np.ndarray,
     """How many KVs may go now."""
     target = kept_target(settings, num_tokens, lens.size)
     return max(0, min(int(evictable.sum()), int(lens.sum()) - target))
+
+
+def peak_tokens_per_head(settings, num_tokens: int, chunk: int, block_size: int) -> int:
+    """The most KVs a head of a cascading request holds while its prompt of
+    ``num_tokens`` is read: its average budget, one chunk, and one partly
+    filled block."""
+    budget = kept_target(settings, num_tokens, 1)
+    return min(num_tokens, budget + chunk + block_size)

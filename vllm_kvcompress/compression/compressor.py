@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..attention.pool import HeadBlockCache
+from ..attention.pool_view import HeadBlockCache
 from ..head_table import HeadTable
 from .budget import eviction_budget, kept_target
 from .cake import layer_statistics, preference_weights
-from .compaction import apply_moves, slot_moves
+from ..attention.ops.moves import apply_moves
+from .compaction import slot_moves
 from .layer_budgets import layer_weights, plan_by_layer
 from .metrics import max_pool_keys, squared_attention, window_attention
 from .planner import evictable_mask, plan_uniform, plan_variable
@@ -40,7 +41,8 @@ def keep_best(scores: np.ndarray, count: int) -> np.ndarray:
 
 class Compressor:
     def __init__(self, pool: HeadBlockCache, kv_metric: torch.Tensor,
-                 kv_position: torch.Tensor, layout: str, scale: float, seed: int = 0):
+                 kv_position: torch.Tensor, layout: str, scale: float, seed: int = 0,
+                 move_slots=apply_moves):
         self.pool = pool
         self.slot_metric, self.slot_position = kv_metric, kv_position  # [P, bs]
         self.kv_metric = kv_metric.view(-1)
@@ -48,6 +50,7 @@ class Compressor:
         self.layout = layout
         self.scale = scale
         self.rng = np.random.default_rng(seed)
+        self.move_slots = move_slots  # the attention ops' compaction
 
     def compress(self, table: HeadTable, window: ObservationWindow, order) -> int:
         """Evict and compact in place; returns the number of KVs evicted."""
@@ -91,7 +94,7 @@ class Compressor:
             plan = plan_uniform(scores, lens, table.block_size, keep)
         moves = slot_moves(table, plan)
         if len(moves):
-            apply_moves(self.pool, torch.from_numpy(moves), self.slot_metric,
+            self.move_slots(self.pool, torch.from_numpy(moves), self.slot_metric,
                         self.slot_position, self.layout)
         table.truncate(plan.new_lens)
         return int((lens - plan.new_lens).sum())

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 
-from .block_manager import HeadBlockPool
+from .pool import HeadBlockPool
 
 
 class NoTokenBlocks(KVCacheBlocks):

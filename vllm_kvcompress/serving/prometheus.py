@@ -1,7 +1,7 @@
 """``vllm:kv_compress_*`` metrics on the API server's ``/metrics``.
 
 A Prometheus collector in the front-end process reads the scheduler's stats
-board (``serving_stats.py``) at every scrape. It is registered in the process
+board (``serving/stats.py``) at every scrape. It is registered in the process
 default registry, the one ``/metrics`` serves when vLLM runs a single API
 server process (the only setup compression supports).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .serving_stats import StatsBoard
+from .stats import StatsBoard
 
 LABELS = ["model_name", "engine"]
 

@@ -1,13 +1,20 @@
-"""CPU worker for compression: registers the per-head attention backend and
-runs ``KVCompressModelRunner``. Chosen through ``--worker-cls`` by the plugin."""
+"""CPU model runner and worker for compression: the per-head mixin over
+vLLM's ``CPUModelRunner``; the worker registers the per-head attention
+backend and builds that runner. Chosen through ``--worker-cls`` by the plugin."""
 
 from __future__ import annotations
 
 import torch
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from .attention.backend import BACKEND_PATH
+from ..attention.backend import BACKEND_PATH
+from .runner import HeadPagedRunnerMixin
+
+
+class KVCompressCPUModelRunner(HeadPagedRunnerMixin, CPUModelRunner):
+    """vLLM's CPU runner with per-head tables and compression."""
 
 
 class KVCompressCPUWorker(CPUWorker):
@@ -21,9 +28,6 @@ class KVCompressCPUWorker(CPUWorker):
         if self.use_v2_model_runner:
             raise RuntimeError(
                 "KV compression runs on vLLM's V1 model runner; unset "
-                "VLLM_USE_V2_MODEL_RUNNER."
-            )
-        from .runner import KVCompressModelRunner
-
+                "VLLM_USE_V2_MODEL_RUNNER.")
         # CPUWorker builds its runner inline; replace it before the model loads.
-        self.model_runner = KVCompressModelRunner(self.vllm_config, torch.device("cpu"))
+        self.model_runner = KVCompressCPUModelRunner(self.vllm_config, torch.device("cpu"))

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 logger = init_logger(f"vllm.{__name__}")
 
-SCHEDULER_CLS = "vllm_kvcompress.scheduler.KVCompressScheduler"
-CPU_WORKER_CLS = "vllm_kvcompress.worker.KVCompressCPUWorker"
+SCHEDULER_CLS = "vllm_kvcompress.scheduler.scheduler.KVCompressScheduler"
+CPU_WORKER_CLS = "vllm_kvcompress.worker.cpu.KVCompressCPUWorker"
 # Head-blocks are small so eviction can be fine grained; 32 is the smallest
 # size for which vLLM's CPU attention kernel keeps its fast "vec" layout.
 DEFAULT_BLOCK_SIZE = 32
@@ -84,9 +84,10 @@ def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
     args.enable_prefix_caching = False
     # The per-head tables live in the V1 model runner (read by spawned workers).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    # Frees from a compression must land before the next schedule.
     args.async_scheduling = False
-    # The per-head attention runs outside any compiled graph.
-    args.enforce_eager = True
+    # No enforce_eager: attention and the cache write stay vLLM's splitting
+    # ops, so the rest of the model keeps vLLM's compiled mode.
     if args.block_size is None:
         args.block_size = DEFAULT_BLOCK_SIZE
     elif args.block_size % 32 != 0:
@@ -113,8 +114,8 @@ def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
 
 def _serve_metrics(args: "EngineArgs") -> None:
     """Give the engine a stats board and show it on this process's /metrics."""
-    from .prometheus import serve_board
-    from .serving_stats import PATH_KEY, create_board_file
+    from .serving.prometheus import serve_board
+    from .serving.stats import PATH_KEY, create_board_file
 
     path = create_board_file()
     args.additional_config = {**(args.additional_config or {}), PATH_KEY: path}

@@ -1,6 +1,6 @@
 """Plain-torch per-head paged attention: the test oracle for the fast paths.
 
-Same signatures as ``cpu_paged``; K and V are stored row-major in the pool's
+Same signatures as ``ops.cpu``; K and V are stored row-major in the pool's
 key/value views, so this path must only read what it wrote itself.
 """
 
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .metadata import HeadPagedMetadata
-from .pool import HeadBlockCache
+from ..metadata import HeadPagedMetadata
+from ..pool_view import HeadBlockCache
+from .moves import apply_moves
 
 
 def write_cache(pool: HeadBlockCache, key: torch.Tensor, value: torch.Tensor,
@@ -60,3 +61,22 @@ def attend(pool: HeadBlockCache, meta: HeadPagedMetadata, layer: int,
             q.dtype
         )
     meta.store_token_major(output, heads_out)
+
+
+class TorchOps:
+    """The ops interface in plain torch (the oracle): K and V row-major in
+    the two halves of each head-block."""
+
+    name = "torch"
+
+    def write_cache(self, pool: HeadBlockCache, key, value, slot_mapping, **_) -> None:
+        write_cache(pool, key, value, slot_mapping)
+
+    def attend(self, pool: HeadBlockCache, meta: HeadPagedMetadata, layer: int,
+               query, output, scale: float, **_) -> None:
+        attend(pool, meta, layer, query, output, scale)
+
+    def key_layout(self, block_size: int, head_dim: int, dtype: torch.dtype) -> str:
+        return "row_major"
+
+    move_slots = staticmethod(apply_moves)

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .head_table import HeadTable
-from .protocol import BlockGrant
-
-
-class PoolBooksError(RuntimeError):
-    """The head-block books do not balance (a bug; raised in debug mode)."""
+from ..head_table import HeadTable
+from ..protocol import BlockGrant, PoolBooksError
 
 
 class HeadBlockPool:

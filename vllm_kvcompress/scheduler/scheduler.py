@@ -10,39 +10,19 @@ from __future__ import annotations
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
-from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.request import RequestStatus
 
-from .block_manager import HeadBlockPool, PoolBooksError
-from .capacity import peak_tokens_per_head
-from .compression.budget import kept_target
-from .config import KVCompressConfig
+from ..compression.budget import kept_target, peak_tokens_per_head
+from ..config import KVCompressConfig
+from ..pool_shape import pool_shape
+from ..protocol import (
+    REPLY_ATTR, STEP_ATTR, CompressOrder, HeadBooks, PoolBooksError, StepMessage,
+)
+from ..serving.stats import PATH_KEY, CompressionStats, StatsBoard
 from .kv_cache_manager import HeadBlockKVCacheManager
-from .protocol import REPLY_ATTR, STEP_ATTR, CompressOrder, HeadBooks, StepMessage
-from .serving_stats import PATH_KEY, CompressionStats, StatsBoard
+from .pool import HeadBlockPool
 
 logger = init_logger(f"vllm.{__name__}")
-
-
-def pool_from_kv_cache_config(kv_cache_config) -> HeadBlockPool:
-    """The head-block pool over the memory vLLM sized for its token blocks."""
-    groups = kv_cache_config.kv_cache_groups
-    spec = groups[0].kv_cache_spec if len(groups) == 1 else None
-    if not isinstance(spec, FullAttentionSpec) or spec.sliding_window is not None:
-        raise ValueError(
-            "KV compression needs one KV-cache group of full attention layers; "
-            f"got {[type(g.kv_cache_spec).__name__ for g in groups]}"
-        )
-    num_layers = len(groups[0].layer_names)
-    per_token_block = num_layers * spec.num_kv_heads
-    # vLLM keeps one token block aside as its null block; leaving it out too
-    # makes the pool hold exactly what stock vLLM holds at rate 1.
-    return HeadBlockPool(
-        num_head_blocks=(kv_cache_config.num_blocks - 1) * per_token_block,
-        num_layers=num_layers,
-        num_kv_heads=spec.num_kv_heads,
-        block_size=spec.block_size,
-    )
 
 
 class KVCompressScheduler(Scheduler):
@@ -51,7 +31,7 @@ class KVCompressScheduler(Scheduler):
         self.kv_compress = KVCompressConfig.from_additional_config(
             vllm_config.additional_config
         )
-        self.head_pool = pool_from_kv_cache_config(kv_cache_config)
+        self.head_pool = HeadBlockPool(**vars(pool_shape(kv_cache_config)))
         self.kv_cache_manager = HeadBlockKVCacheManager(
             self.kv_cache_manager, self.head_pool, self.peak_head_blocks
         )

@@ -2,7 +2,7 @@
 
 The kernels are given the pool as a cache with ONE KV head, the query heads
 of one GQA group as that sequence's heads, and one block-table row and length
-per (request, KV head). This was checked exact against ``torch_paged``.
+per (request, KV head). This was checked exact against ``ops.torch_ref``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import torch
 from vllm import _custom_ops as ops
 from vllm import envs
 
-from .metadata import HeadPagedMetadata
-from .pool import HeadBlockCache
+from ..metadata import HeadPagedMetadata
+from ..pool_view import HeadBlockCache
+from .moves import apply_moves
 
 
 def write_cache(
@@ -106,3 +107,48 @@ def attend(
     )
     meta.store_token_major(output, heads_out)
 
+
+def key_layout(isa: str, block_size: int, head_dim: int, dtype: torch.dtype) -> str:
+    """Where vLLM's cache-write kernel puts K and V inside a head-block.
+
+    Writes one block of distinct values through the kernel into a scratch
+    pool and matches it against the layouts ``moves.apply_moves`` understands.
+    """
+    pool = HeadBlockCache.empty(1, block_size, head_dim, dtype)
+    gen = torch.Generator().manual_seed(0)
+    key = torch.randn(block_size, head_dim, generator=gen).to(dtype)
+    value = torch.randn(block_size, head_dim, generator=gen).to(dtype)
+    slots = torch.arange(block_size, dtype=torch.int64)[:, None]
+    write_cache(pool, key[:, None], value[:, None], slots, isa)
+    stored_key, stored_value = pool.kv[0, 0].reshape(2, -1)
+    if torch.equal(stored_value, value.reshape(-1)):
+        if torch.equal(stored_key, key.T.reshape(-1)):
+            return "k_transposed"
+        if torch.equal(stored_key, key.reshape(-1)):
+            return "row_major"
+    raise RuntimeError(
+        f"vLLM's CPU cache kernel (isa={isa!r}, block_size={block_size}, "
+        f"head_dim={head_dim}, dtype={dtype}) stores K/V in a layout that KV "
+        "compaction does not know; compression cannot move KVs in this cache"
+    )
+
+
+class CpuOps:
+    """The ops interface over vLLM's C++ CPU kernels for one ISA."""
+
+    name = "cpu"
+
+    def __init__(self, isa: str):
+        self.isa = isa
+
+    def write_cache(self, pool: HeadBlockCache, key, value, slot_mapping, **quant) -> None:
+        write_cache(pool, key, value, slot_mapping, self.isa, **quant)
+
+    def attend(self, pool: HeadBlockCache, meta: HeadPagedMetadata, layer: int,
+               query, output, scale: float, **quant) -> None:
+        attend(pool, meta, layer, query, output, scale, self.isa, **quant)
+
+    def key_layout(self, block_size: int, head_dim: int, dtype: torch.dtype) -> str:
+        return key_layout(self.isa, block_size, head_dim, dtype)
+
+    move_slots = staticmethod(apply_moves)

@@ -1,0 +1,2 @@
+"""Compression metrics: the scheduler's stats board and the front end's
+Prometheus collector."""

@@ -1,0 +1,249 @@
+"""Per-head block tables and lengths of the requests in vLLM's persistent batch.
+
+vLLM's model runner keeps its requests in a persistent batch whose rows are
+added, cleared, moved and swapped as requests come and go; its token block
+table follows those row operations and is never rebuilt. ``BatchHeadTables``
+does the same for the per-head tables: the runner wraps the batch's block
+table (``RowFollower``) so that every row operation is applied here as well,
+grants are appended in place, and one vectorised add advances every
+request's lengths per step.
+
+Layout: ``table [L, rows, H, width]`` int32, ``lens`` and ``nblocks``
+``[L, rows, H]`` int32. For the first R rows, layer l's tables are the
+zero-copy view ``table[l, :R].reshape(R * H, width)`` whose row ``r * H + h``
+is request r's KV head h: the one-head-sequence view the attention ops take.
+
+A request that leaves the batch while still alive (vLLM drops unscheduled
+requests from the batch and adds them back later) is parked as a
+``HeadTable`` and restored when its row is added again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..head_table import HeadTable
+from ..protocol import BlockGrant, PoolBooksError
+
+
+class BatchHeadTables:
+    def __init__(self, num_layers: int, num_kv_heads: int, block_size: int,
+                 max_rows: int, width: int = 8):
+        self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
+        self.block_size = block_size
+        self.table = torch.zeros((num_layers, max_rows, num_kv_heads, width),
+                                 dtype=torch.int32)
+        self.nblocks = torch.zeros((num_layers, max_rows, num_kv_heads), dtype=torch.int32)
+        self.lens = torch.zeros_like(self.nblocks)
+        self.row_of: dict[str, int] = {}
+        self._req_at: list[str | None] = [None] * max_rows
+        self._parked: dict[str, HeadTable] = {}
+
+    @property
+    def width(self) -> int:
+        return self.table.shape[3]
+
+    # ------------------------------------------------ persistent-batch rows
+    def add_row(self, row: int, req_id: str) -> None:
+        """``req_id`` enters the batch at ``row`` (restored if it was parked)."""
+        self._req_at[row], self.row_of[req_id] = req_id, row
+        parked = self._parked.pop(req_id, None)
+        self._zero(row)
+        if parked is not None:
+            width = parked.table.shape[2]
+            self._reserve(width)
+            self.table[:, row, :, :width] = torch.from_numpy(parked.table)
+            self.nblocks[:, row] = torch.from_numpy(parked.nblocks)
+            self.lens[:, row] = torch.from_numpy(parked.lens)
+
+    def clear_row(self, row: int) -> None:
+        """The request at ``row`` leaves the batch; it is parked until it
+        comes back or ``drop`` says it is gone."""
+        req_id = self._req_at[row]
+        if req_id is not None:
+            self._parked[req_id] = self.snapshot(req_id)
+            del self.row_of[req_id]
+        self._req_at[row] = None
+        self._zero(row)
+
+    def move_row(self, src: int, tgt: int) -> None:
+        for tensor in (self.table, self.nblocks, self.lens):
+            tensor[:, tgt] = tensor[:, src]
+        self._zero(src)
+        req_id, self._req_at[src] = self._req_at[src], None
+        self._req_at[tgt] = req_id
+        if req_id is not None:
+            self.row_of[req_id] = tgt
+
+    def swap_row(self, a: int, b: int) -> None:
+        pair, swapped = [a, b], [b, a]
+        for tensor in (self.table, self.nblocks, self.lens):
+            tensor[:, pair] = tensor[:, swapped]
+        self._req_at[a], self._req_at[b] = self._req_at[b], self._req_at[a]
+        for row in pair:
+            if self._req_at[row] is not None:
+                self.row_of[self._req_at[row]] = row
+
+    def drop(self, req_id: str) -> None:
+        """``req_id`` finished or was preempted: forget it entirely."""
+        self._parked.pop(req_id, None)
+        row = self.row_of.pop(req_id, None)
+        if row is not None:
+            self._req_at[row] = None
+            self._zero(row)
+
+    def _zero(self, row: int) -> None:
+        self.nblocks[:, row] = 0
+        self.lens[:, row] = 0
+
+    def _reserve(self, width: int) -> None:
+        if width <= self.width:
+            return
+        grown = torch.zeros(self.table.shape[:3] + (max(width, 2 * self.width),),
+                            dtype=self.table.dtype)
+        grown[..., : self.width] = self.table
+        self.table = grown
+
+    # ------------------------------------------------ per-step updates
+    def apply_grants(self, grants: dict[str, list[BlockGrant]]) -> None:
+        """Append this step's granted ids to the rows of their requests, all
+        requests at once."""
+        rows, counts, ids = [], [], []
+        for req_id, request_grants in grants.items():
+            row = self.row_of.get(req_id)
+            if row is None:
+                raise PoolBooksError(
+                    f"head-blocks granted to {req_id}, which is not in the batch")
+            for grant in request_grants:
+                if grant.fresh:
+                    self._zero(row)
+                rows.append(row)
+                counts.append(grant.counts.reshape(-1))
+                ids.append(grant.block_ids)
+        if not rows:
+            return
+        heads = self.num_layers * self.num_kv_heads
+        # Grants of one request are applied in order: sum them per (row, head).
+        per_grant = np.stack(counts).astype(np.int64)  # [G, L*H]
+        total = int(per_grant.sum())
+        if total != sum(len(i) for i in ids):
+            raise PoolBooksError("a grant's block ids do not match its counts")
+        if total == 0:
+            return
+        grant_of = np.repeat(np.arange(len(rows)), heads)  # [G*L*H]
+        head = np.tile(np.arange(heads), len(rows))
+        layer, kv_head = head // self.num_kv_heads, head % self.num_kv_heads
+        row = np.asarray(rows)[grant_of]
+        flat_counts = per_grant.reshape(-1)
+        nblocks = self.nblocks.numpy()
+        # Blocks already held, plus those appended by earlier grants of the
+        # same (row, head) in this step.
+        key = row * heads + head
+        earlier = _exclusive_running_sum(key, flat_counts)
+        first_col = nblocks[layer, row, kv_head].astype(np.int64) + earlier
+        self._reserve(int((first_col + flat_counts).max()))
+        each = np.repeat(np.arange(len(flat_counts)), flat_counts)
+        col = first_col[each] + np.arange(total) - (np.cumsum(flat_counts) - flat_counts)[each]
+        table = self.table.numpy()
+        table[layer[each], row[each], kv_head[each], col] = np.concatenate(ids)
+        np.add.at(nblocks, (layer, row, kv_head), flat_counts.astype(np.int32))
+
+    def advance(self, num_tokens: np.ndarray) -> torch.Tensor:
+        """Slots ``[L, T, H]`` of the next ``num_tokens[r]`` tokens of rows
+        ``0..R-1`` (tokens in row order), and their lengths advanced."""
+        num_rows = len(num_tokens)
+        counts = torch.from_numpy(np.asarray(num_tokens, dtype=np.int64))
+        row_of_token = torch.repeat_interleave(torch.arange(num_rows), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        offset = torch.arange(int(counts.sum())) - starts[row_of_token]
+        lens = self.lens[:, :num_rows].long()
+        logical = lens[:, row_of_token, :] + offset[None, :, None]  # [L, T, H]
+        capacity = self.nblocks[:, :num_rows].long() * self.block_size
+        if (lens + counts[None, :, None] > capacity).any():
+            raise PoolBooksError(
+                "head-block table too short for the scheduled tokens: the "
+                "scheduler and the worker disagree about a request")
+        layers = torch.arange(self.num_layers)[:, None, None]
+        heads = torch.arange(self.num_kv_heads)[None, None, :]
+        rows = row_of_token[None, :, None]
+        flat = ((layers * self.table.shape[1] + rows) * self.num_kv_heads + heads
+                ) * self.width + logical // self.block_size
+        blocks = self.table.view(-1)[flat].long()
+        self.lens[:, :num_rows] += counts.to(torch.int32)[None, :, None]
+        return blocks * self.block_size + logical % self.block_size
+
+    # ------------------------------------------------ one request
+    def snapshot(self, req_id: str) -> HeadTable:
+        """A copy of ``req_id``'s tables (in the batch or parked)."""
+        parked = self._parked.get(req_id)
+        if parked is not None:
+            return parked
+        row = self.row_of[req_id]
+        width = max(int(self.nblocks[:, row].max()), 1)
+        return HeadTable.from_arrays(
+            self.table[:, row, :, :width].numpy().copy(),
+            self.nblocks[:, row].numpy().astype(np.int64),
+            self.lens[:, row].numpy().astype(np.int64),
+            self.block_size,
+        )
+
+    def store_lengths(self, req_id: str, table: HeadTable) -> None:
+        """Write back a request's lengths after compaction shrank them (its
+        surviving blocks keep their ids and order)."""
+        row = self.row_of[req_id]
+        self.nblocks[:, row] = torch.from_numpy(table.nblocks.astype(np.int32))
+        self.lens[:, row] = torch.from_numpy(table.lens.astype(np.int32))
+
+    def layer_views(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables ``[L, R*H, width]`` and lengths ``[L, R*H]`` of the
+        first ``num_rows`` rows: views, no copy."""
+        rows = num_rows * self.num_kv_heads
+        return (self.table[:, :num_rows].reshape(self.num_layers, rows, self.width),
+                self.lens[:, :num_rows].reshape(self.num_layers, rows))
+
+
+def _exclusive_running_sum(key: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each position, the sum of ``values`` at earlier positions with the
+    same ``key``."""
+    order = np.argsort(key, kind="stable")
+    sorted_keys, sorted_values = key[order], values[order]
+    running = np.cumsum(sorted_values) - sorted_values
+    group_start = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    group_of = np.repeat(group_start, np.diff(np.r_[group_start, len(key)]))
+    out = np.empty_like(values)
+    out[order] = running - running[group_of]
+    return out
+
+
+class RowFollower:
+    """vLLM's block table for the persistent batch, with every row operation
+    also applied to the per-head tables (the token block table itself stays
+    empty: the scheduler grants no token blocks)."""
+
+    def __init__(self, stock: Any, input_batch: Any, tables: BatchHeadTables):
+        self._stock, self._batch, self._tables = stock, input_batch, tables
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stock, name)
+
+    def __getitem__(self, index: int) -> Any:
+        return self._stock[index]
+
+    def add_row(self, block_ids, row: int) -> None:
+        self._stock.add_row(block_ids, row)
+        self._tables.add_row(row, self._batch.req_ids[row])
+
+    def clear_row(self, row: int) -> None:
+        self._stock.clear_row(row)
+        self._tables.clear_row(row)
+
+    def move_row(self, src: int, tgt: int) -> None:
+        self._stock.move_row(src, tgt)
+        self._tables.move_row(src, tgt)
+
+    def swap_row(self, src: int, tgt: int) -> None:
+        self._stock.swap_row(src, tgt)
+        self._tables.swap_row(src, tgt)

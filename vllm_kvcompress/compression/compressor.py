@@ -18,7 +18,7 @@ from ..attention.ops.moves import apply_moves
 from .compaction import slot_moves
 from .layer_budgets import layer_weights, plan_by_layer
 from .metrics import max_pool_keys, squared_attention, window_attention
-from .planner import evictable_mask, plan_uniform, plan_variable
+from .planner import EvictionPlan, evictable_mask, plan_uniform, plan_variable
 from .policies import POLICIES
 
 
@@ -37,6 +37,38 @@ def keep_best(scores: np.ndarray, count: int) -> np.ndarray:
     best = np.zeros(scores.shape, dtype=bool)
     np.put_along_axis(best, order[..., :count], True, axis=-1)
     return np.where(best, np.inf, scores)
+
+
+def make_plan(settings, scores: np.ndarray, positions: np.ndarray, lens: np.ndarray,
+              num_tokens: int, target_tokens: int, block_size: int,
+              preference: np.ndarray | None = None) -> EvictionPlan | None:
+    """Which blocks of one request go, by its policy; None if nothing may go.
+
+    ``scores`` and ``positions`` are ``[L, H, M]`` per logical slot, ``lens``
+    ``[L, H]``; ``num_tokens`` counts the protected window back,
+    ``target_tokens`` sizes the kept target. Pure numpy: the trigger tests
+    plan with it exactly as the engine does.
+    """
+    policy = POLICIES[settings.policy]
+    sinks = max(settings.sinks, policy.min_sinks)
+    evictable = evictable_mask(positions, lens, num_tokens,
+                               settings.protected_window, sinks)
+    scores = np.where(evictable, scores, np.inf)
+    budget = eviction_budget(settings, lens, evictable, target_tokens)
+    if budget <= 0:
+        return None
+    if policy.layer_budgets is not None:
+        weights = layer_weights(policy.layer_budgets, len(lens), preference)
+        target = kept_target(settings, target_tokens, lens.size)
+        return plan_by_layer(scores, lens, evictable, target, weights,
+                             block_size, policy.variable)
+    if policy.variable:
+        if settings.head_floor > 0:
+            average = (int(lens.sum()) - budget) / lens.size
+            scores = keep_best(scores, math.ceil(settings.head_floor * average))
+        return plan_variable(scores, lens, block_size, budget)
+    keep = math.ceil((int(lens.sum()) - budget) / lens.size)
+    return plan_uniform(scores, lens, block_size, keep)
 
 
 class Compressor:
@@ -72,30 +104,14 @@ class Compressor:
             metric, preference = self._update_metric(policy, table, window, slots,
                                                      lens, order)
         scores = policy.scores(metric, positions, self.rng)
-        sinks = max(settings.sinks, policy.min_sinks)
-        evictable = evictable_mask(positions, lens, order.num_tokens,
-                                   settings.protected_window, sinks)
-        scores = np.where(evictable, scores, np.inf)
-        budget = eviction_budget(settings, lens, evictable, order.target_tokens)
-        if budget <= 0:
+        plan = make_plan(settings, scores, positions, lens, order.num_tokens,
+                         order.target_tokens, table.block_size, preference)
+        if plan is None:
             return 0
-        if policy.layer_budgets is not None:
-            weights = layer_weights(policy.layer_budgets, len(lens), preference)
-            target = kept_target(settings, order.target_tokens, lens.size)
-            plan = plan_by_layer(scores, lens, evictable, target, weights,
-                                 table.block_size, policy.variable)
-        elif policy.variable:
-            if settings.head_floor > 0:
-                average = (int(lens.sum()) - budget) / lens.size
-                scores = keep_best(scores, math.ceil(settings.head_floor * average))
-            plan = plan_variable(scores, lens, table.block_size, budget)
-        else:
-            keep = math.ceil((int(lens.sum()) - budget) / lens.size)
-            plan = plan_uniform(scores, lens, table.block_size, keep)
         moves = slot_moves(table, plan)
         if len(moves):
             self.move_slots(self.pool, torch.from_numpy(moves), self.slot_metric,
-                        self.slot_position, self.layout)
+                            self.slot_position, self.layout)
         table.truncate(plan.new_lens)
         return int((lens - plan.new_lens).sum())
 

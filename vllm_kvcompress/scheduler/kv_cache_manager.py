@@ -29,12 +29,14 @@ class NoTokenBlocks(KVCacheBlocks):
 
 class HeadBlockKVCacheManager:
     def __init__(self, stock_manager: Any, pool: HeadBlockPool,
-                 peak_head_blocks: Callable[[Any], int]):
+                 peak_head_blocks: Callable[[Any], int],
+                 on_free: Callable[[str], None] = lambda req_id: None):
         self._stock = stock_manager
         self.pool = pool
         # Head-blocks a request holds at its peak (vLLM admits a new request
         # only if that fits; with cascading it is less than the prompt).
         self._peak_head_blocks = peak_head_blocks
+        self._on_free = on_free  # told whenever a request gives all back
         per_token_block = pool.heads_per_token_block
         self._watermark = stock_manager.watermark_blocks * per_token_block
         self._granted = NoTokenBlocks(stock_manager.empty_kv_cache_blocks.blocks)
@@ -85,11 +87,12 @@ class HeadBlockKVCacheManager:
 
     def free(self, request) -> None:
         self.pool.free(request.request_id)
+        self._on_free(request.request_id)
 
     def pop_blocks_for_free(self, request) -> list:
         # Deferred frees only happen with async KV connectors, which are
         # refused; free at once.
-        self.pool.free(request.request_id)
+        self.free(request)
         return []
 
     def get_blocks(self, request_id: str):

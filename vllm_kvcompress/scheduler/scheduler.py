@@ -12,7 +12,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import RequestStatus
 
-from ..compression.budget import kept_target, peak_tokens_per_head
+from ..compression.budget import peak_tokens_per_head
 from ..config import KVCompressConfig
 from ..pool_shape import pool_shape
 from ..protocol import (
@@ -21,6 +21,7 @@ from ..protocol import (
 from ..serving.stats import PATH_KEY, CompressionStats, StatsBoard
 from .kv_cache_manager import HeadBlockKVCacheManager
 from .pool import HeadBlockPool
+from .triggers import CompressionTriggers
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -33,16 +34,15 @@ class KVCompressScheduler(Scheduler):
         )
         self.head_pool = HeadBlockPool(**vars(pool_shape(kv_cache_config)))
         self.kv_cache_manager = HeadBlockKVCacheManager(
-            self.kv_cache_manager, self.head_pool, self.peak_head_blocks
-        )
+            self.kv_cache_manager, self.head_pool, self.peak_head_blocks,
+            on_free=lambda req_id: self.triggers.forget(req_id))
         self.chunk_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.request_settings: dict[str, KVCompressConfig] = {}
         # Refused at arrival (they could never fit the pool); their error
         # outputs go out with the next step's outputs.
         self._refused: list = []
-        # Step of each held request's last compression (absent: not yet
-        # compressed since it was last given memory).
-        self.last_compressed: dict[str, int] = {}
+        self.triggers = CompressionTriggers(self.head_pool.block_size,
+                                            self.kv_compress.cascade)
         self.step_count = 0
         board_path = (vllm_config.additional_config or {}).get(PATH_KEY)
         self.stats = CompressionStats(
@@ -107,47 +107,23 @@ class KVCompressScheduler(Scheduler):
         return output
 
     def _compress_orders(self, output) -> dict[str, CompressOrder]:
-        """Who compresses after this step: requests whose prompt was just
-        read, those due for continual compression (with an interval), and,
-        when the pool could not cover one more step of every running
-        request, those that have grown a block past their target (so that
-        vLLM need not preempt)."""
-        for req_id in list(self.last_compressed):
-            if req_id not in self.head_pool.tables:  # freed (done/preempted)
-                del self.last_compressed[req_id]
+        """Who compresses after this step (``triggers.py`` says when)."""
         pool = self.head_pool
+        self.triggers.step = self.step_count
         running_dry = pool.num_free < len(self.running) * pool.heads_per_token_block
         orders = {}
         for req_id in output.num_scheduled_tokens:
             request = self.requests[req_id]
             settings = self.request_settings.get(req_id)
-            if settings is None or not settings.evicts:
+            if settings is None:
                 continue
-            tokens = request.num_computed_tokens
-            if tokens < request.num_prompt_tokens:  # still reading the prompt
-                # Cascading: hold at most the final budget plus one chunk.
-                if (self.kv_compress.cascade and self._excess(
-                        req_id, settings, request.num_prompt_tokens) >= pool.block_size):
-                    orders[req_id] = CompressOrder(
-                        settings, tokens, after_prompt=False,
-                        target_tokens=request.num_prompt_tokens)
-                continue
-            last = self.last_compressed.get(req_id)
-            due = last is None or (
-                settings.interval > 0 and self.step_count - last >= settings.interval)
-            if not due and running_dry and last < self.step_count:
-                due = self._excess(req_id, settings, tokens) >= pool.block_size
-                self.stats.low_memory_compressions += due
-            if due:
-                orders[req_id] = CompressOrder(settings, tokens, after_prompt=last is None,
-                                               target_tokens=tokens)
-                self.last_compressed[req_id] = self.step_count
+            order = self.triggers.order(
+                req_id, settings, pool.tables[req_id].lens,
+                request.num_computed_tokens, request.num_tokens, running_dry)
+            if order is not None:
+                orders[req_id] = order
+        self.stats.low_memory_compressions = self.triggers.low_memory_orders
         return orders
-
-    def _excess(self, req_id: str, settings, target_tokens: int) -> int:
-        """KVs ``req_id`` holds beyond its target for ``target_tokens``."""
-        lens = self.head_pool.tables[req_id].lens
-        return int(lens.sum()) - kept_target(settings, target_tokens, lens.size)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         reply = getattr(model_runner_output, REPLY_ATTR, None)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from vllm.config import KVTransferConfig
 from vllm.engine.arg_utils import EngineArgs
 
 import vllm_kvcompress  # noqa: F401  (adds the LLM keyword)
@@ -32,7 +33,7 @@ SMALL = dict(vocab_size=49152, hidden_size=256, intermediate_size=256,
 
 @pytest.fixture(scope="module")
 def unsupported_models(tiny_llama, tmp_path_factory):
-    from transformers import DeepseekV2Config, JambaConfig, MistralConfig
+    from transformers import DeepseekV2Config, JambaConfig, MistralConfig, WhisperConfig
 
     return {
         "sliding-window": config_only_model(
@@ -46,6 +47,12 @@ def unsupported_models(tiny_llama, tmp_path_factory):
             tmp_path_factory, tiny_llama, "hyb", JambaConfig(
                 num_experts=1, attn_layer_period=2, attn_layer_offset=1,
                 expert_layer_period=2, expert_layer_offset=1, **SMALL)),
+        # Speech in, text out: an encoder-decoder and a multimodal model.
+        "multimodal or encoder-decoder": config_only_model(
+            tmp_path_factory, tiny_llama, "whisper", WhisperConfig(
+                d_model=64, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64,
+                decoder_ffn_dim=64, encoder_attention_heads=2,
+                decoder_attention_heads=2)),
     }
 
 
@@ -76,6 +83,11 @@ def test_unknown_setting_is_named(tiny_llama):
                              "prompt_lookup_max": 3}}, "--speculative-config"),
     ({"enable_prefix_caching": True}, "--enable-prefix-caching"),
     ({"block_size": 48}, "--block-size 48.*multiple of 32"),
+    ({"kv_transfer_config": KVTransferConfig(kv_connector="ExampleConnector",
+                                             kv_role="kv_both")},
+     "--kv-transfer-config.*Remove --kv-transfer-config"),
+    ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype fp8.*Allowed: --kv-cache-dtype auto"),
+    ({"kv_cache_dtype": "fp8_e5m2"}, "--kv-cache-dtype fp8_e5m2"),
 ])
 def test_unsupported_engine_options(tiny_llama, kwargs, flag):
     with pytest.raises(UnsupportedSetupError, match=f"--kv-compress-rate does not support .*{flag}"):

@@ -25,6 +25,9 @@ CPU_WORKER_CLS = "vllm_kvcompress.worker.cpu.KVCompressCPUWorker"
 DEFAULT_BLOCK_SIZE = 32
 
 
+UNQUANTIZED_KV_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
 class UnsupportedSetupError(ValueError):
     """The requested vLLM setup cannot run with KV compression (yet)."""
 
@@ -56,6 +59,18 @@ def check_engine_args(args: "EngineArgs") -> None:
         raise _refuse(
             "speculative decoding (--speculative-config)",
             "Remove --speculative-config.",
+        )
+    if args.kv_transfer_config is not None:
+        raise _refuse(
+            "KV transfer / disaggregated serving (--kv-transfer-config): "
+            "connectors move token blocks, not per-head blocks",
+            "Remove --kv-transfer-config.",
+        )
+    if args.kv_cache_dtype not in UNQUANTIZED_KV_DTYPES:
+        raise _refuse(
+            f"a quantized KV cache (--kv-cache-dtype {args.kv_cache_dtype}): the "
+            "eviction metric and compaction read unscaled K/V",
+            f"Allowed: --kv-cache-dtype {', '.join(UNQUANTIZED_KV_DTYPES)}.",
         )
     if args.enable_prefix_caching:
         raise _refuse(
@@ -137,6 +152,12 @@ def check_vllm_config(vllm_config: "VllmConfig") -> None:
         raise _refuse(
             f"hybrid or attention-free models (model {model.model})",
             "Use a decoder-only transformer with full attention.",
+        )
+    if model.is_multimodal_model or model.is_encoder_decoder:
+        raise _refuse(
+            f"multimodal or encoder-decoder models (model {model.model}): "
+            "encoder inputs and cross-attention have no per-head cache",
+            "Use a text-only decoder model.",
         )
     if model.use_mla:
         raise _refuse(

@@ -96,3 +96,22 @@ def test_a_request_asking_for_less_compression_than_fits_is_refused(tiny_llama, 
     assert result["finish_reasons"] == {"0": "length", "1": "error", "2": "length"}
     assert result["outputs"]["1"] == []
     assert result["final"]["held"] == 0
+
+
+def test_a_preempted_request_rereads_within_the_cascading_bound(tiny_llama, tmp_path):
+    """A preempted request re-reads its prompt and its output so far; while
+    it does, cascading holds it to its budget on that whole text plus one
+    chunk, the bound admission assumed."""
+    prompts = mixed_prompts(tiny_llama, [600] * 4, seed=23)
+    spec = {"model": tiny_llama, "prompts": prompts, "max_tokens": 250,
+            "engine": {**ENGINE, **PLUGIN, "kv_compress_cascade": True,
+                       "kv_compress_rate": 1.25,
+                       "num_gpu_blocks_override": 41, "max_model_len": 1100}}
+    result = run_engine_job(spec, tmp_path, "cascade-preempt")
+    assert result["preemptions"] > 0
+    assert all(len(t) == 250 for t in result["outputs"].values())
+    longest = 600 + 250
+    kept = kept_after_prompt(longest, HEADS, 1.25)
+    bound = math.ceil((kept + CHUNK * HEADS) / BS) + HEADS
+    assert max(result["peak_blocks"].values()) <= bound
+    assert result["final"]["held"] == 0 and result["final"]["tables"] == []

@@ -5,6 +5,9 @@ import os
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# No GPU here: the Triton kernels run in Triton's interpreter, which must be
+# switched on before anything imports them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

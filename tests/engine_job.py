@@ -7,8 +7,8 @@ every step.
 
     python tests/engine_job.py SPEC.json OUT.json
 SPEC: model, engine (LLM keyword arguments), prompts (token-id lists),
-max_tokens, and optionally abort (request indices) with either abort_at_step
-or abort_during_compression.
+max_tokens, and optionally env (variables set first), abort (request
+indices) with either abort_at_step or abort_during_compression.
 """
 
 import json
@@ -17,6 +17,7 @@ import sys
 
 
 def run(spec: dict) -> dict:
+    os.environ.update(spec.get("env", {}))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import vllm_kvcompress  # noqa: F401  (LLM(kv_compress_rate=...) keyword)
     from vllm import LLM, SamplingParams

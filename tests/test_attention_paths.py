@@ -1,21 +1,29 @@
-"""Per-head paged attention: vLLM's C++ CPU kernels through the one-head
-sequence view, and the plain-torch oracle, both against a dense float64
-computation; heads of one request hold different numbers of KVs (as after
-compression), with decode and chunked-prefill steps and GQA."""
+"""Per-head paged attention through every ops implementation (vLLM's C++ CPU
+kernels, the Triton kernels of ``kernels/`` in the interpreter, the plain-torch
+oracle) on the engine's own pool view, persistent tables and metadata
+builder, against a dense float64 computation; heads of one request hold
+different numbers of KVs (as after compression), with decode and
+chunked-prefill steps and GQA."""
 
 import numpy as np
 import pytest
 import torch
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from vllm_kvcompress.attention.ops import cpu as cpu_paged, torch_ref as torch_paged
+from vllm_kvcompress.attention.ops.cpu import CpuOps, write_cache
+from vllm_kvcompress.attention.ops.torch_ref import TorchOps
+from vllm_kvcompress.attention.ops.triton import TritonOps
 from vllm_kvcompress.attention.pool_view import HeadBlockCache
 from vllm_kvcompress.attention.builder import StepInputs, build_metadata
 from vllm_kvcompress.head_table import HeadTable
 from vllm_kvcompress.protocol import BlockGrant
 from vllm_kvcompress.worker.batch_tables import BatchHeadTables
 
-PATHS = {"cpu_ops": cpu_paged, "torch": torch_paged}
+from vllm_kvcompress_kernels.testing import triton_ready
+
+# Each ops implementation, made for the kernel's ISA (only the CPU ops use it).
+PATHS = {"cpu_ops": CpuOps, "torch": lambda isa: TorchOps(),
+         "triton": lambda isa: TritonOps()}
 
 
 def scenario(rng, num_heads, group, head_dim, block_size, new_tokens, max_history):
@@ -60,7 +68,7 @@ def engine_step(tables, new_tokens, pool):
     return metadata, slots
 
 
-def write_history(path, pool, tables, history, hist_kv, isa):
+def write_history(ops, pool, tables, history, hist_kv):
     for table, hist, kvs in zip(tables, history, hist_kv):
         longest = int(hist.max()) if len(hist) else 0
         if longest == 0:
@@ -73,7 +81,7 @@ def write_history(path, pool, tables, history, hist_kv, isa):
             blocks = table.table[0, h, logical // pool.block_size]
             slots[: len(k), h] = blocks * pool.block_size + logical % pool.block_size
             keys[: len(k), h], values[: len(v), h] = k, v
-        path.write_cache(pool, keys, values, torch.from_numpy(slots), isa)
+        ops.write_cache(pool, keys, values, torch.from_numpy(slots))
         table.lens[0] = hist
 
 
@@ -103,18 +111,19 @@ def dense_reference(history, hist_kv, step_k, step_v, query, new_tokens, group, 
 @pytest.mark.parametrize("new_tokens", [[1, 1, 1], [1, 37, 5], [70]])
 def test_per_head_attention_matches_dense(path_name, num_heads, group, head_dim,
                                           block_size, new_tokens):
+    if path_name == "triton" and not triton_ready()[0]:
+        pytest.skip(triton_ready()[1])
     rng = np.random.default_rng(abs(hash((num_heads, group, block_size, len(new_tokens)))) % 2**32)
-    path = PATHS[path_name]
     tables, history, hist_kv, step_k, step_v, query, num_blocks = scenario(
         rng, num_heads, group, head_dim, block_size, new_tokens, max_history=150)
-    isa = _get_attn_isa(torch.float32, block_size, head_dim, "auto")
+    ops = PATHS[path_name](_get_attn_isa(torch.float32, block_size, head_dim, "auto"))
     pool = HeadBlockCache.empty(num_blocks, block_size, head_dim, torch.float32)
-    write_history(path, pool, tables, history, hist_kv, isa)
+    write_history(ops, pool, tables, history, hist_kv)
     metadata, slots = engine_step(tables, new_tokens, pool)
-    path.write_cache(pool, step_k, step_v, slots[0], isa)
+    ops.write_cache(pool, step_k, step_v, slots[0])
     output = torch.zeros_like(query)
     scale = head_dim ** -0.5
-    path.attend(pool, metadata, 0, query, output, scale, isa)
+    ops.attend(pool, metadata, 0, query, output, scale)
     expected = dense_reference(history, hist_kv, step_k, step_v, query, new_tokens,
                                group, scale)
     torch.testing.assert_close(output.double(), expected, atol=2e-5, rtol=1e-4)
@@ -124,6 +133,6 @@ def test_empty_head_is_skipped_by_the_kernel_write():
     """A slot of -1 writes nothing: the pool stays zero."""
     pool = HeadBlockCache.empty(4, 32, 64, torch.float32)
     isa = _get_attn_isa(torch.float32, 32, 64, "auto")
-    cpu_paged.write_cache(pool, torch.ones(2, 1, 64), torch.ones(2, 1, 64),
-                          torch.full((2, 1), -1, dtype=torch.int64), isa)
+    write_cache(pool, torch.ones(2, 1, 64), torch.ones(2, 1, 64),
+                torch.full((2, 1), -1, dtype=torch.int64), isa)
     assert pool.kv.abs().sum() == 0

@@ -177,6 +177,7 @@ def test_attention_over_compacted_heads_matches_dense(layout):
         block_tables=torch.from_numpy(request.table.table.copy()),
         seq_lens=torch.from_numpy(plan.new_lens.astype(np.int32)),
         query_start_loc=torch.arange(num_heads + 1, dtype=torch.int32),
+        request_query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
         head_major_rows=None, layer_index={})
     scale = D ** -0.5
     for layer in range(num_layers):
@@ -204,3 +205,29 @@ def test_apply_moves_rejects_unknown_layout():
     pool = HeadBlockCache.empty(1, BS, D, torch.float32)
     with pytest.raises(ValueError, match="layout"):
         apply_moves(pool, torch.zeros(0, 2, dtype=torch.int64), layout="blocked")
+
+
+def test_triton_moves_equal_torch_moves_on_the_engine_pool():
+    """The Triton compaction kernel (interpreter) moves exactly what the
+    torch moves do, on the engine's pool view (row-major K), with metric and
+    position."""
+    from vllm_kvcompress.attention.ops.triton import TritonOps
+    from vllm_kvcompress_kernels.testing import triton_ready
+
+    if not triton_ready()[0]:
+        pytest.skip(triton_ready()[1])
+    gen = torch.Generator().manual_seed(5)
+    pools = [HeadBlockCache.empty(6, BS, D, torch.float32) for _ in range(2)]
+    sides = [(torch.rand(6, BS, generator=gen), torch.randint(0, 999, (6, BS), generator=gen,
+                                                              dtype=torch.int32))]
+    sides.append(tuple(t.clone() for t in sides[0]))
+    start = torch.randn(pools[0].kv.shape, generator=gen)
+    for pool in pools:
+        pool.kv.copy_(start)
+    slots = torch.randperm(6 * BS, generator=gen)[:40]
+    moves = torch.stack([slots[:20], slots[20:]], dim=1)
+    apply_moves(pools[0], moves, *sides[0], layout="row_major")
+    TritonOps().move_slots(pools[1], moves, *sides[1])
+    assert torch.equal(pools[0].kv, pools[1].kv)
+    assert torch.equal(sides[0][0], sides[1][0]) and torch.equal(sides[0][1], sides[1][1])
+    assert not torch.equal(pools[0].kv, start)

@@ -19,7 +19,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from .builder import HeadPagedMetadataBuilder
-from .ops.cpu import CpuOps
+from .ops import make_ops
 from .pool_view import HeadBlockCache
 
 BACKEND_PATH = "vllm_kvcompress.attention.backend.HeadPagedBackend"
@@ -38,7 +38,7 @@ class HeadPagedImpl(CPUAttentionBackendImpl):
         self.isa = _get_attn_isa(
             config.model_config.dtype, config.cache_config.block_size,
             self.head_size, self.kv_cache_dtype)
-        self.ops = CpuOps(self.isa)
+        self.ops = make_ops(self.isa)
         self.pool: HeadBlockCache | None = None
 
     def bind_pool(self, pool: HeadBlockCache) -> None:

@@ -86,6 +86,7 @@ def build_metadata(inputs: StepInputs, num_reqs: int,
         block_tables=block_tables,
         seq_lens=seq_lens,
         query_start_loc=torch.from_numpy(head_starts),
+        request_query_start_loc=query_start_loc[: num_reqs + 1],
         head_major_rows=(head_major_rows(num_tokens, heads)
                          if num_tokens.size and num_tokens.max() > 1 else None),
         layer_index=inputs.layer_index,

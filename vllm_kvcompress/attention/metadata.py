@@ -25,6 +25,8 @@ class HeadPagedMetadata:
     seq_lens: torch.Tensor
     # [R*H + 1] int32: query offsets of the one-head sequences.
     query_start_loc: torch.Tensor
+    # [R + 1] int32: query offsets of the requests (token-major).
+    request_query_start_loc: torch.Tensor
     # Maps head-major query rows (r, h, token) to rows of the [T*H, G, D]
     # token-major view; None when every request has one query (decode).
     head_major_rows: torch.Tensor | None

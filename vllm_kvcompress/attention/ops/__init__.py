@@ -1,2 +1,35 @@
-"""Implementations of the per-head attention ops (write cache, attend) over
-the head-block pool: vLLM's C++ CPU kernels and a plain-torch oracle."""
+"""Implementations of the per-head ops over the head-block pool: write cache,
+attend, move slots (compaction), and where K sits inside a head-block.
+
+- ``cpu``: vLLM's C++ CPU kernels (the default on CPU);
+- ``triton``: the Triton kernels of ``kernels/`` (the CUDA path's; on CPU only
+  under ``TRITON_INTERPRET=1``, for tests);
+- ``torch``: plain torch, the oracle.
+Window statistics run in torch (``compression/metrics.py``) for all of them.
+``VLLM_KVCOMPRESS_OPS`` picks one for the engine (tests and debugging).
+"""
+
+from __future__ import annotations
+
+import os
+
+OPS_ENV = "VLLM_KVCOMPRESS_OPS"
+OPS_NAMES = ("cpu", "triton", "torch")
+
+
+def make_ops(isa: str):
+    """The ops ``VLLM_KVCOMPRESS_OPS`` names (default: vLLM's CPU kernels)."""
+    name = os.environ.get(OPS_ENV, "cpu")
+    if name == "cpu":
+        from .cpu import CpuOps
+
+        return CpuOps(isa)
+    if name == "triton":
+        from .triton import TritonOps
+
+        return TritonOps()
+    if name == "torch":
+        from .torch_ref import TorchOps
+
+        return TorchOps()
+    raise ValueError(f"{OPS_ENV} must be one of {', '.join(OPS_NAMES)}; got {name!r}.")

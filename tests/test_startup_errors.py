@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from vllm.config import KVTransferConfig
+from vllm.config import CompilationMode, KVTransferConfig
 from vllm.engine.arg_utils import EngineArgs
 
 import vllm_kvcompress  # noqa: F401  (adds the LLM keyword)
@@ -129,6 +129,10 @@ def test_compression_rewrites_engine_config(tiny_llama):
     assert config.parallel_config.worker_cls.endswith("KVCompressCPUWorker")
     assert config.cache_config.enable_prefix_caching is False
     assert config.cache_config.block_size == 32
+    # vLLM's compiled model is kept (attention runs between compiled pieces).
+    assert config.model_config.enforce_eager is False
+    assert config.compilation_config.mode != CompilationMode.NONE
+    assert config.scheduler_config.async_scheduling is False
 
 
 def test_without_the_flag_nothing_changes(tiny_llama):

@@ -156,9 +156,7 @@ class BatchHeadTables:
         ``0..R-1`` (tokens in row order), and their lengths advanced."""
         num_rows = len(num_tokens)
         counts = torch.from_numpy(np.asarray(num_tokens, dtype=np.int64))
-        row_of_token = torch.repeat_interleave(torch.arange(num_rows), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        offset = torch.arange(int(counts.sum())) - starts[row_of_token]
+        row_of_token, offset = token_rows(counts)
         lens = self.lens[:, :num_rows].long()
         logical = lens[:, row_of_token, :] + offset[None, :, None]  # [L, T, H]
         capacity = self.nblocks[:, :num_rows].long() * self.block_size
@@ -203,6 +201,14 @@ class BatchHeadTables:
         rows = num_rows * self.num_kv_heads
         return (self.table[:, :num_rows].reshape(self.num_layers, rows, self.width),
                 self.lens[:, :num_rows].reshape(self.num_layers, rows))
+
+
+def token_rows(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For tokens laid out row after row (``counts[r]`` each): every token's
+    row and its index within that row."""
+    row_of_token = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    return row_of_token, torch.arange(int(counts.sum())) - starts[row_of_token]
 
 
 def _exclusive_running_sum(key: np.ndarray, values: np.ndarray) -> np.ndarray:

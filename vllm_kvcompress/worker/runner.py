@@ -26,7 +26,7 @@ from ..pool_shape import pool_shape
 from ..protocol import (
     REPLY_ATTR, STEP_ATTR, CompressReply, PoolBooksError, StepMessage,
 )
-from .batch_tables import BatchHeadTables, RowFollower
+from .batch_tables import BatchHeadTables, RowFollower, token_rows
 
 
 class HeadPagedRunnerMixin:
@@ -168,10 +168,8 @@ class HeadPagedRunnerMixin:
         the query rows the observation windows keep."""
         first = torch.from_numpy(
             self.input_batch.num_computed_tokens_cpu[: len(req_ids)].astype(np.int64))
-        counts = torch.from_numpy(num_tokens)
-        row_of_token = torch.repeat_interleave(torch.arange(len(req_ids)), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        positions = first[row_of_token] + torch.arange(len(row_of_token)) - starts[row_of_token]
+        row_of_token, offset = token_rows(torch.from_numpy(num_tokens))
+        positions = first[row_of_token] + offset
         flat_slots = slots.reshape(-1)
         self.kv_position.view(-1)[flat_slots] = positions.to(torch.int32)[
             None, :, None].expand_as(slots).reshape(-1)

@@ -68,9 +68,8 @@ class HeadPagedImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:  # profiling / warm-up / compile run
             return output.fill_(0)
         layer_index = attn_metadata.layer_index[layer.layer_name]
-        capture = attn_metadata.capture
-        if capture is not None:
-            capture.captured[layer_index] = query[capture.rows]
+        if attn_metadata.capture is not None:
+            attn_metadata.capture.take(layer_index, query)
         self.ops.attend(
             attn_metadata.pool, attn_metadata, layer_index, query,
             output.view(output.shape[0], self.num_heads, self.head_size),

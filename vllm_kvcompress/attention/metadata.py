@@ -56,7 +56,10 @@ class HeadPagedMetadata:
 @dataclass
 class QueryCapture:
     """Token rows whose queries the observation windows keep this step, and
-    what the backend copied out of each layer (layer index -> [rows, Hq, D])."""
+    the buffer the backend copies each layer's rows into."""
 
-    rows: torch.Tensor
-    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: torch.Tensor  # [rows] int64 token rows of this step
+    queries: torch.Tensor  # [L, rows, Hq, D]
+
+    def take(self, layer: int, query: torch.Tensor) -> None:
+        torch.index_select(query, 0, self.rows, out=self.queries[layer])

@@ -1,8 +1,11 @@
 """Observation windows: each request's most recent queries, per layer.
 
-The attention backend copies out the query rows named by ``plan()`` during
-the forward; ``absorb()`` then files them into per-request ring buffers, from
-which the compressor scores the KVs.
+``plan()`` names the query rows of a step to keep and hands the attention
+backend a capture buffer; the backend copies each layer's rows into it during
+the forward; ``absorb()`` then files the whole step into the ring buffers with
+one indexed write. The rings of all requests live in one tensor (a slot per
+request, grown by doubling), so a decode step costs a fixed number of tensor
+operations however many requests it carries.
 """
 
 from __future__ import annotations
@@ -10,56 +13,92 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..attention.metadata import QueryCapture
 from .compressor import ObservationWindow
 
 
 class WindowStore:
     def __init__(self, num_layers: int, num_query_heads: int, head_dim: int,
                  size: int, dtype: torch.dtype):
-        self.shape = (num_layers, size, num_query_heads, head_dim)
         self.size = size
         self.dtype = dtype
-        self.windows: dict[str, ObservationWindow] = {}
-        self._written: dict[str, int] = {}
-        self._pending: list[tuple[str, slice, np.ndarray]] = []
+        self.layer_shape = (num_layers, num_query_heads, head_dim)
+        # [slots, L, size, Hq, D] queries and [slots, size] positions (-1: empty).
+        self.queries = torch.zeros((0, num_layers, size, num_query_heads, head_dim),
+                                   dtype=dtype)
+        self.positions = torch.full((0, size), -1, dtype=torch.int64)
+        self.written = np.zeros(0, dtype=np.int64)
+        self.slot_of: dict[str, int] = {}
+        self._free: list[int] = []
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def plan(self, req_ids: list[str], num_tokens: list[int],
-             first_positions: list[int], wanted: list[bool]) -> torch.Tensor | None:
-        """Token rows of this step to capture: the last ``size`` tokens of
-        every request in ``wanted``. None when nothing is wanted."""
-        rows, start, offset = [], 0, 0
-        self._pending = []
-        for req_id, n, first, want in zip(req_ids, num_tokens, first_positions, wanted):
-            take = min(n, self.size) if want else 0
-            if take:
-                rows.append(np.arange(start + n - take, start + n))
-                positions = first + np.arange(n - take, n)
-                self._pending.append((req_id, slice(offset, offset + take), positions))
-                offset += take
-            start += n
-        return torch.from_numpy(np.concatenate(rows)) if rows else None
+    def window(self, req_id: str) -> ObservationWindow | None:
+        slot = self.slot_of.get(req_id)
+        if slot is None:
+            return None
+        return ObservationWindow(self.queries[slot], self.positions[slot])
 
-    def absorb(self, captured: dict[int, torch.Tensor]) -> None:
-        """File the rows the backend captured (layer -> [rows, Hq, D])."""
-        if not self._pending:
-            return
-        stacked = torch.stack([captured[layer] for layer in range(self.shape[0])])
-        for req_id, rows, positions in self._pending:
-            window = self.windows.get(req_id)
-            if window is None:
-                window = ObservationWindow(
-                    queries=torch.zeros(self.shape, dtype=self.dtype),
-                    positions=torch.full((self.size,), -1, dtype=torch.int64),
-                )
-                self.windows[req_id] = window
-                self._written[req_id] = 0
-            ring = (self._written[req_id] + np.arange(len(positions))) % self.size
-            ring_t = torch.from_numpy(ring)
-            window.queries[:, ring_t] = stacked[:, rows].to(self.dtype)
-            window.positions[ring_t] = torch.from_numpy(positions)
-            self._written[req_id] += len(positions)
-        self._pending = []
+    def plan(self, req_ids: list[str], num_tokens: np.ndarray,
+             first_positions: np.ndarray, wanted: list[bool]) -> QueryCapture | None:
+        """The capture for this step: the last ``size`` token rows of every
+        request in ``wanted``. None when nothing is wanted."""
+        self._pending = None
+        num_tokens = np.asarray(num_tokens, dtype=np.int64)
+        take = np.where(np.asarray(wanted, dtype=bool), np.minimum(num_tokens, self.size), 0)
+        if not take.any():
+            return None
+        keep = np.flatnonzero(take)
+        slots = np.array([self._slot(req_ids[i]) for i in keep], dtype=np.int64)
+        counts = take[keep]
+        # Per captured row: its request (index into keep) and rank 0..count-1.
+        owner = np.repeat(np.arange(len(keep)), counts)
+        rank = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        ends = np.cumsum(num_tokens)[keep]  # token row after each request's last
+        rows = np.repeat(ends - counts, counts) + rank
+        positions = np.repeat(first_positions[keep] + num_tokens[keep] - counts,
+                              counts) + rank
+        ring = (self.written[slots][owner] + rank) % self.size
+        self.written[slots] += counts
+        self._pending = (torch.from_numpy(slots[owner]), torch.from_numpy(ring),
+                         torch.from_numpy(positions))
+        num_layers, heads, dim = self.layer_shape
+        return QueryCapture(
+            rows=torch.from_numpy(rows),
+            queries=torch.empty((num_layers, rows.size, heads, dim), dtype=self.dtype))
+
+    def absorb(self, capture: QueryCapture) -> None:
+        """File the rows the backend copied into ``capture``."""
+        if self._pending is None:
+            raise RuntimeError("query capture absorbed without a plan for this step")
+        slots, ring, positions = self._pending
+        self._pending = None
+        self.queries[slots, :, ring] = capture.queries.transpose(0, 1)
+        self.positions[slots, ring] = positions
 
     def drop(self, req_id: str) -> None:
-        self.windows.pop(req_id, None)
-        self._written.pop(req_id, None)
+        slot = self.slot_of.pop(req_id, None)
+        if slot is not None:
+            self.positions[slot] = -1
+            self.written[slot] = 0
+            self._free.append(slot)
+
+    def _slot(self, req_id: str) -> int:
+        slot = self.slot_of.get(req_id)
+        if slot is not None:
+            return slot
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self.slot_of[req_id] = slot
+        return slot
+
+    def _grow(self) -> None:
+        old = self.queries.shape[0]
+        new = max(4, 2 * old)
+        queries = torch.zeros((new,) + tuple(self.queries.shape[1:]), dtype=self.dtype)
+        queries[:old] = self.queries
+        positions = torch.full((new, self.size), -1, dtype=torch.int64)
+        positions[:old] = self.positions
+        self.queries, self.positions = queries, positions
+        self.written = np.concatenate([self.written, np.zeros(new - old, dtype=np.int64)])
+        self._free.extend(range(new - 1, old - 1, -1))

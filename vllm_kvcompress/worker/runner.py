@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from ..attention.builder import StepInputs
-from ..attention.metadata import QueryCapture
 from ..attention.pool_view import HeadBlockCache
 from ..compression.compressor import Compressor
 from ..compression.window import WindowStore
@@ -122,14 +121,14 @@ class HeadPagedRunnerMixin:
         step's ModelRunnerOutput."""
         capture = self.step_inputs.capture
         if capture is not None:
-            self.windows.absorb(capture.captured)
+            self.windows.absorb(capture)
         if not step.compress:
             return
         started = time.perf_counter()
         reply = CompressReply()
         for req_id, order in step.compress.items():
             table = self.batch_tables.snapshot(req_id)
-            window = self.windows.windows.get(req_id)
+            window = self.windows.window(req_id)
             if window is None:
                 raise RuntimeError(f"no observation window for request {req_id}")
             reply.evicted[req_id] = self.compressor.compress(table, window, order)
@@ -176,10 +175,8 @@ class HeadPagedRunnerMixin:
         self.kv_metric.view(-1)[flat_slots] = 0.0
         # A request that may be compressed keeps its window at every step: a
         # compression can be ordered at any step (interval, pool running dry).
-        rows = self.windows.plan(
-            list(req_ids), num_tokens.tolist(), first.tolist(),
-            [self._may_compress(r) for r in req_ids])
-        self.step_inputs.capture = QueryCapture(rows) if rows is not None else None
+        self.step_inputs.capture = self.windows.plan(
+            req_ids, num_tokens, first.numpy(), [self._may_compress(r) for r in req_ids])
 
     def _may_compress(self, req_id: str) -> bool:
         known = self._compressing.get(req_id)

@@ -1,0 +1,106 @@
+"""Where an engine's time goes, step by step: seconds in steps that carry
+prompt tokens, and the median decode step by number of requests decoding.
+
+Explains the throughput ratios of ``throughput.py``: compression lets more
+requests decode together, which pays only as far as a decode step of n
+requests costs less than n steps of one. Same workload and pool as
+``throughput.py``; each engine in a fresh process.
+
+    python benchmarks/step_times.py [--rates 8] [--output-len 512] [--ample]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from throughput import BLOCK, make_prompts, run_engine
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    """One engine: time every step, note what the scheduler put in it."""
+    spec = json.loads(Path(spec_path).read_text())
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import vllm_kvcompress  # noqa: F401
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=spec["model"], **spec["engine"])
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    scheduled: list[tuple[int, int]] = []
+    schedule = scheduler.schedule
+
+    def noting_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        scheduled.append((out.total_num_scheduled_tokens, len(out.num_scheduled_tokens)))
+        return out
+
+    scheduler.schedule = noting_schedule
+    params = SamplingParams(temperature=0.0, max_tokens=spec["output_len"], ignore_eos=True)
+    for i, ids in enumerate(spec["prompts"]):
+        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
+    prompt_seconds, decode = 0.0, defaultdict(list)
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        before, began = len(scheduled), time.perf_counter()
+        engine.step()
+        if len(scheduled) == before:
+            continue
+        seconds = time.perf_counter() - began
+        tokens, requests = scheduled[-1]
+        if tokens == requests:
+            decode[requests].append(seconds)
+        else:
+            prompt_seconds += seconds
+    Path(out_path).write_text(json.dumps({
+        "seconds": time.perf_counter() - start,
+        "prompt_step_seconds": prompt_seconds,
+        "decode": {n: {"steps": len(v), "median_ms": 1e3 * sorted(v)[len(v) // 2],
+                       "seconds": sum(v)} for n, v in sorted(decode.items())},
+    }))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="per-step times of stock vLLM and the plugin")
+    parser.add_argument("--rates", type=float, nargs="+", default=[8])
+    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--input-len", type=int, default=1500)
+    parser.add_argument("--output-len", type=int, default=512)
+    parser.add_argument("--stock-fits", type=int, default=3)
+    parser.add_argument("--ample", action="store_true",
+                        help="also stock vLLM with a pool that holds every request")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(*args.worker)
+
+    from vllm_kvcompress.assets import smollm2_path
+
+    model = smollm2_path()
+    per_request = math.ceil((args.input_len + args.output_len) / BLOCK)
+    engine = dict(dtype="float32", max_model_len=args.input_len + args.output_len,
+                  block_size=BLOCK, num_gpu_blocks_override=args.stock_fits * per_request + 1)
+    variants = [("stock", engine)] + [
+        (f"rate{r:g}", {**engine, "kv_compress_rate": r}) for r in args.rates]
+    if args.ample:
+        variants.append(("stock-ample", {**engine, "num_gpu_blocks_override":
+                                         args.prompts * per_request + 1}))
+    base = {"model": model, "output_len": args.output_len,
+            "prompts": make_prompts(model, args.prompts, args.input_len)}
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, engine_args in variants:
+            report[name] = run_engine({**base, "engine": engine_args}, Path(tmp), name,
+                                      script=__file__)
+            print(name, json.dumps(report[name]), flush=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,8 +6,9 @@ requests at once (the same KV memory for every engine); compression frees
 memory, so the plugin admits more. Every engine runs in its own fresh
 process with vLLM's defaults (compiled model; ``--eager`` for eager mode
 everywhere); stock runs first and last (and with ``--eager-reference`` once
-in eager mode), and once more with a pool that holds every request (the
-ceiling: what running them all together is worth here). Ratios against the
+in eager mode), and once more with a pool that holds every request (what
+running them all together is worth here, without compression's cheaper
+attention). Ratios against the
 stock runs of the same invocation are the figures that count. Also reported
 per plugin engine: the share of the run spent compressing and the per-head
 bookkeeping on the host per step.
@@ -186,8 +187,8 @@ def main() -> None:
     ] + [("stock-again", engine, None)]
     if args.eager_reference and not args.eager:
         variants.append(("stock-eager", {**engine, "enforce_eager": True}, None))
-    # Stock vLLM with memory for every request at once: what running them all
-    # together is worth on this machine, the most compression could give.
+    # Stock vLLM with memory for every request at once: what batching them
+    # all is worth on this machine (compression also shortens attention).
     ample = args.prompts * per_request + 1
     variants.append(("stock-ample", {**engine, "num_gpu_blocks_override": ample}, None))
     results = {}

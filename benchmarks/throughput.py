@@ -8,10 +8,9 @@ process with vLLM's defaults (compiled model; ``--eager`` for eager mode
 everywhere); stock runs first and last (and with ``--eager-reference`` once
 in eager mode), and once more with a pool that holds every request (what
 running them all together is worth here, without compression's cheaper
-attention). Ratios against the
-stock runs of the same invocation are the figures that count. Also reported
-per plugin engine: the share of the run spent compressing and the per-head
-bookkeeping on the host per step.
+attention). Ratios against the stock runs of the same invocation are the
+figures that count. Also reported per plugin engine: the share of the run
+spent compressing and the per-head bookkeeping on the host per step.
 
     python benchmarks/throughput.py [--rates 1 4 8 16 32] [--prompts 12]
         [--input-len 1500] [--output-len 1024] [--stock-fits 3] [--eager]

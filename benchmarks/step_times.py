@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from throughput import BLOCK, make_prompts, run_engine
+from throughput import add_workload_args, request_blocks, run_engine, workload
 
 
 def worker(spec_path: str, out_path: str) -> None:
@@ -68,11 +67,7 @@ def worker(spec_path: str, out_path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="per-step times of stock vLLM and the plugin")
-    parser.add_argument("--rates", type=float, nargs="+", default=[8])
-    parser.add_argument("--prompts", type=int, default=12)
-    parser.add_argument("--input-len", type=int, default=1500)
-    parser.add_argument("--output-len", type=int, default=512)
-    parser.add_argument("--stock-fits", type=int, default=3)
+    add_workload_args(parser, rates=[8], output_len=512)
     parser.add_argument("--ample", action="store_true",
                         help="also stock vLLM with a pool that holds every request")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -80,19 +75,12 @@ def main() -> None:
     if args.worker:
         return worker(*args.worker)
 
-    from vllm_kvcompress.assets import smollm2_path
-
-    model = smollm2_path()
-    per_request = math.ceil((args.input_len + args.output_len) / BLOCK)
-    engine = dict(dtype="float32", max_model_len=args.input_len + args.output_len,
-                  block_size=BLOCK, num_gpu_blocks_override=args.stock_fits * per_request + 1)
+    engine, base = workload(args)
     variants = [("stock", engine)] + [
         (f"rate{r:g}", {**engine, "kv_compress_rate": r}) for r in args.rates]
     if args.ample:
         variants.append(("stock-ample", {**engine, "num_gpu_blocks_override":
-                                         args.prompts * per_request + 1}))
-    base = {"model": model, "output_len": args.output_len,
-            "prompts": make_prompts(model, args.prompts, args.input_len)}
+                                         args.prompts * request_blocks(args) + 1}))
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, engine_args in variants:

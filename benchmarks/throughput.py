@@ -120,6 +120,35 @@ def run_engine(spec: dict, tmp: Path, name: str, script: str = __file__) -> dict
     return json.loads(out_path.read_text())
 
 
+def add_workload_args(parser: argparse.ArgumentParser, rates: list[float],
+                      output_len: int) -> None:
+    parser.add_argument("--rates", type=float, nargs="+", default=rates)
+    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--input-len", type=int, default=1500)
+    parser.add_argument("--output-len", type=int, default=output_len)
+    parser.add_argument("--stock-fits", type=int, default=3)
+
+
+def request_blocks(args) -> int:
+    return math.ceil((args.input_len + args.output_len) / BLOCK)
+
+
+def workload(args) -> tuple[dict, dict]:
+    """Stock engine arguments (a pool of ``--stock-fits`` requests) and the
+    spec every engine shares (the bundled model, prompts, output length)."""
+    from vllm_kvcompress.assets import smollm2_path
+
+    model = smollm2_path()
+    blocks = args.stock_fits * request_blocks(args) + 1  # +1: vLLM's null block
+    # The plugin's block size everywhere (stock's CPU default is 128: the
+    # same memory then holds the same number of tokens in every engine).
+    engine = dict(dtype="float32", max_model_len=args.input_len + args.output_len,
+                  block_size=BLOCK, num_gpu_blocks_override=blocks)
+    base = {"model": model, "output_len": args.output_len,
+            "prompts": make_prompts(model, args.prompts, args.input_len)}
+    return engine, base
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -150,11 +179,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="stock vLLM vs vllm_kvcompress")
-    parser.add_argument("--rates", type=float, nargs="+", default=[1, 4, 8, 16, 32])
-    parser.add_argument("--prompts", type=int, default=12)
-    parser.add_argument("--input-len", type=int, default=1500)
-    parser.add_argument("--output-len", type=int, default=1024)
-    parser.add_argument("--stock-fits", type=int, default=3)
+    add_workload_args(parser, rates=[1, 4, 8, 16, 32], output_len=1024)
     parser.add_argument("--eager", action="store_true",
                         help="every engine in eager mode (default: vLLM's compiled mode)")
     parser.add_argument("--eager-reference", action="store_true",
@@ -167,18 +192,10 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from vllm_kvcompress.assets import smollm2_path
-
-    model = smollm2_path()
-    per_request = math.ceil((args.input_len + args.output_len) / BLOCK)
-    blocks = args.stock_fits * per_request + 1  # +1: vLLM's null block
-    # The plugin's block size everywhere (stock's CPU default is 128: the
-    # same memory then holds the same number of tokens in every engine).
-    engine = dict(dtype="float32", max_model_len=args.input_len + args.output_len,
-                  block_size=BLOCK, num_gpu_blocks_override=blocks,
-                  **({"enforce_eager": True} if args.eager else {}))
-    base = {"model": model, "output_len": args.output_len,
-            "prompts": make_prompts(model, args.prompts, args.input_len)}
+    engine, base = workload(args)
+    blocks, per_request = engine["num_gpu_blocks_override"], request_blocks(args)
+    if args.eager:
+        engine["enforce_eager"] = True
     # Stock runs first and last: drift of the shared machine over the sweep
     # shows as the gap between the two, and ratios use their mean.
     variants = [("stock", engine, None)] + [

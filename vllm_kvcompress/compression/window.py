@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..attention.metadata import QueryCapture
+from ..ragged import token_rows
 from .compressor import ObservationWindow
 
 
@@ -51,8 +52,7 @@ class WindowStore:
         slots = np.array([self._slot(req_ids[i]) for i in keep], dtype=np.int64)
         counts = take[keep]
         # Per captured row: its request (index into keep) and rank 0..count-1.
-        owner = np.repeat(np.arange(len(keep)), counts)
-        rank = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        owner, rank = (t.numpy() for t in token_rows(torch.from_numpy(counts)))
         ends = np.cumsum(num_tokens)[keep]  # token row after each request's last
         rows = np.repeat(ends - counts, counts) + rank
         positions = np.repeat(first_positions[keep] + num_tokens[keep] - counts,

@@ -27,6 +27,7 @@ import torch
 
 from ..head_table import HeadTable
 from ..protocol import BlockGrant, PoolBooksError
+from ..ragged import token_rows
 
 
 class BatchHeadTables:
@@ -201,14 +202,6 @@ class BatchHeadTables:
         rows = num_rows * self.num_kv_heads
         return (self.table[:, :num_rows].reshape(self.num_layers, rows, self.width),
                 self.lens[:, :num_rows].reshape(self.num_layers, rows))
-
-
-def token_rows(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For tokens laid out row after row (``counts[r]`` each): every token's
-    row and its index within that row."""
-    row_of_token = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    return row_of_token, torch.arange(int(counts.sum())) - starts[row_of_token]
 
 
 def _exclusive_running_sum(key: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -25,7 +25,8 @@ from ..pool_shape import pool_shape
 from ..protocol import (
     REPLY_ATTR, STEP_ATTR, CompressReply, PoolBooksError, StepMessage,
 )
-from .batch_tables import BatchHeadTables, RowFollower, token_rows
+from ..ragged import token_rows
+from .batch_tables import BatchHeadTables, RowFollower
 
 
 class HeadPagedRunnerMixin:

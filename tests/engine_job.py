@@ -75,10 +75,16 @@ def run(spec: dict) -> dict:
             "running": len(scheduler.running),
             "held": pool.num_held if pool else None,
             "free": pool.num_free if pool else None,
+            "free_by_rank": pool.free_by_rank.tolist() if pool else None,
             "usage": scheduler.kv_cache_manager.usage,
             "requests": {  # by the id given to add_request
                 rid.rsplit("-", 1)[0]: {"kvs": int(t.lens.sum()), "blocks": int(t.nblocks.sum()),
                       "computed": scheduler.requests[rid].num_computed_tokens,
+                      "layer_kvs": t.lens.sum(axis=1).tolist(),
+                      # [layer][rank] KVs, and head-blocks per rank
+                      "rank_layer_kvs": t.lens.reshape(pool.num_layers, pool.num_ranks,
+                                                       -1).sum(axis=2).tolist(),
+                      "rank_blocks": pool.held_by(rid).tolist(),
                       "max_head": int(t.lens.max()), "min_head": int(t.lens.min())}
                 for rid, t in pool.tables.items()
             } if pool else {},

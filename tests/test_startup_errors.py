@@ -77,7 +77,9 @@ def test_unknown_setting_is_named(tiny_llama):
 
 
 @pytest.mark.parametrize("kwargs, flag", [
-    ({"tensor_parallel_size": 2}, "--tensor-parallel-size 2.*Allowed: --tensor-parallel-size 1"),
+    # tiny_llama has 2 KV heads: 4 ranks would replicate them.
+    ({"tensor_parallel_size": 4}, "--tensor-parallel-size 4 with a model of 2 KV heads"
+                                  ".*Allowed: --tensor-parallel-size up to 2"),
     ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size 2.*Allowed: --pipeline-parallel-size 1"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
                              "prompt_lookup_max": 3}}, "--speculative-config"),

@@ -56,35 +56,45 @@ def smollm2_path() -> str:
     return _publish(target, model, tokenizer)
 
 
-def tiny_llama_path(num_kv_heads: int = 2, num_heads: int = 8) -> str:
+def tiny_llama_path(num_kv_heads: int = 2, num_heads: int = 8,
+                    query_scales: list[list[float]] | None = None) -> str:
     """A 2-layer random Llama with grouped-query attention (tests).
 
+    ``query_scales[layer][query head]`` multiplies that head's query
+    projection: large makes its attention sharp, small makes it diffuse, so
+    tests can give layers and heads different attention shapes on purpose.
     Uses SmolLM2's tokenizer so prompts are real text.
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    head_dim = 32
     config = LlamaConfig(
         vocab_size=49152,
-        hidden_size=num_heads * 32,
+        hidden_size=num_heads * head_dim,
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        head_dim=32,
+        head_dim=head_dim,
         max_position_embeddings=4096,
         initializer_range=0.2,
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
     )
-    # Keyed by the config, so a changed recipe never reuses old weights.
-    digest = hashlib.sha256(config.to_json_string().encode()).hexdigest()[:10]
+    # Keyed by the recipe, so a changed one never reuses old weights.
+    recipe = config.to_json_string() + (repr(query_scales) if query_scales else "")
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:10]
     target = cache_dir() / f"tiny-llama-gqa-{num_heads}q{num_kv_heads}kv-{digest}"
     if (target / "READY").exists():
         return str(target)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)
+    for layer, scales in enumerate(query_scales or []):
+        weight = model.model.layers[layer].self_attn.q_proj.weight.data
+        weight.view(num_heads, head_dim, -1).mul_(
+            torch.tensor(scales, dtype=torch.float32)[:, None, None])
     return _publish(target, model, AutoTokenizer.from_pretrained(smollm2_path()))
 
 

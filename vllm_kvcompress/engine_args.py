@@ -40,11 +40,6 @@ def _refuse(what: str, fix: str) -> UnsupportedSetupError:
 
 def check_engine_args(args: "EngineArgs") -> None:
     """Refuse engine options that the per-head cache does not support."""
-    if args.tensor_parallel_size != 1:
-        raise _refuse(
-            f"--tensor-parallel-size {args.tensor_parallel_size}",
-            "Allowed: --tensor-parallel-size 1.",
-        )
     if args.pipeline_parallel_size != 1:
         raise _refuse(
             f"--pipeline-parallel-size {args.pipeline_parallel_size}",
@@ -163,4 +158,13 @@ def check_vllm_config(vllm_config: "VllmConfig") -> None:
         raise _refuse(
             f"multi-head latent attention (MLA) models (model {model.model})",
             "Use a model with standard multi-head or grouped-query attention.",
+        )
+    tp_size = vllm_config.parallel_config.tensor_parallel_size
+    kv_heads = model.get_total_num_kv_heads()
+    if tp_size > kv_heads:
+        raise _refuse(
+            f"--tensor-parallel-size {tp_size} with a model of {kv_heads} KV "
+            f"heads ({model.model}): ranks would hold copies of the same KV "
+            "heads, and their evictions would have to agree",
+            f"Allowed: --tensor-parallel-size up to {kv_heads}.",
         )

@@ -74,7 +74,7 @@ def make_plan(settings, scores: np.ndarray, positions: np.ndarray, lens: np.ndar
 class Compressor:
     def __init__(self, pool: HeadBlockCache, kv_metric: torch.Tensor,
                  kv_position: torch.Tensor, layout: str, scale: float, seed: int = 0,
-                 move_slots=apply_moves):
+                 move_slots=apply_moves, sum_over_ranks=lambda values: values):
         self.pool = pool
         self.slot_metric, self.slot_position = kv_metric, kv_position  # [P, bs]
         self.kv_metric = kv_metric.view(-1)
@@ -83,6 +83,10 @@ class Compressor:
         self.scale = scale
         self.rng = np.random.default_rng(seed)
         self.move_slots = move_slots  # the attention ops' compaction
+        # With tensor parallelism this rank holds some of the KV heads; CAKE's
+        # layer statistics (sums over heads) are summed over all ranks so
+        # every rank splits its budget over layers as one engine would.
+        self.sum_over_ranks = sum_over_ranks
 
     def compress(self, table: HeadTable, window: ObservationWindow, order) -> int:
         """Evict and compact in place; returns the number of KVs evicted."""
@@ -157,5 +161,6 @@ class Compressor:
         metric = self.kv_metric[slots].numpy().astype(np.float64)
         if not cake:
             return metric, None
+        entropy, shift = self.sum_over_ranks(np.stack([entropy, shift]))
         return metric, preference_weights(entropy, shift, settings.cake_tau1,
                                           settings.cake_tau2)

@@ -59,7 +59,8 @@ class HeadBlockKVCacheManager:
         has_scheduled_reqs: bool = True,
         skip_zeroing_group_ids: tuple[int, ...] = (),
     ):
-        """Room for ``num_new_tokens`` more tokens in every head, or None."""
+        """Room for ``num_new_tokens`` more tokens in every head, or None
+        (when any rank is short)."""
         if num_lookahead_tokens or num_external_computed_tokens or num_encoder_tokens:
             raise NotImplementedError(
                 "KV compression does not support lookahead, external (connector) "
@@ -68,18 +69,20 @@ class HeadBlockKVCacheManager:
         from vllm.v1.request import RequestStatus
 
         req_id = request.request_id
-        free = self.pool.num_free - reserved_blocks * self.pool.heads_per_token_block
+        # Token blocks held back stand for the same share of every rank.
+        held_back = reserved_blocks * self.pool.heads_per_token_block
         if has_scheduled_reqs and request.status in (
             RequestStatus.WAITING,
             RequestStatus.PREEMPTED,
         ):
-            free -= self._watermark
+            held_back += self._watermark
+        free = self.pool.free_by_rank - held_back // self.pool.num_ranks
         if full_sequence_must_fit:
-            need = self._peak_head_blocks(request) - self.pool.held_by(req_id)
-            if need > free:
+            peak = self._peak_head_blocks(request) // self.pool.num_ranks
+            if (peak - self.pool.held_by(req_id) > free).any():
                 return None
         target = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
-        if self.pool.blocks_to_grow(req_id, target) > free:
+        if (self.pool.blocks_to_grow(req_id, target) > free).any():
             return None
         if not self.pool.grow(req_id, target):
             return None

@@ -4,6 +4,11 @@ A head-block holds ``block_size`` KVs of ONE KV head of ONE layer. The pool
 hands ids to requests head by head, takes them back when a request finishes,
 is aborted or preempted, and records every grant so the worker can mirror the
 tables (see ``protocol.StepMessage``). Plain numpy; no vLLM types.
+
+With tensor parallelism (``num_ranks`` > 1) the ids and heads are split in
+equal slices, one per rank (``pool_shape.PoolShape``): every rank has its
+own free stack, a head only ever gets ids of its own rank, and a request
+grows only if every rank has room for its part.
 """
 
 from __future__ import annotations
@@ -16,15 +21,27 @@ from ..protocol import BlockGrant, PoolBooksError
 
 class HeadBlockPool:
     def __init__(
-        self, num_head_blocks: int, num_layers: int, num_kv_heads: int, block_size: int
+        self, num_head_blocks: int, num_layers: int, num_kv_heads: int, block_size: int,
+        num_ranks: int = 1,
     ):
+        if num_head_blocks % num_ranks or num_kv_heads % num_ranks:
+            raise ValueError(
+                f"{num_head_blocks} head-blocks and {num_kv_heads} KV heads do not "
+                f"split over {num_ranks} ranks")
         self.num_head_blocks = num_head_blocks
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.block_size = block_size
-        # A stack: ids are popped from the end, low ids first.
-        self._free = np.arange(num_head_blocks - 1, -1, -1, dtype=np.int32)
-        self._num_free = num_head_blocks
+        self.num_ranks = num_ranks
+        self.blocks_per_rank = num_head_blocks // num_ranks
+        self.heads_per_rank = num_kv_heads // num_ranks
+        # The rank of each (layer, head), in (layer, head) order.
+        self._rank_of_head = np.tile(
+            np.repeat(np.arange(num_ranks), self.heads_per_rank), num_layers)
+        # One stack per rank: ids are popped from the end, low ids first.
+        self._free = (np.arange(self.blocks_per_rank - 1, -1, -1, dtype=np.int32)[None, :]
+                      + (np.arange(num_ranks, dtype=np.int32) * self.blocks_per_rank)[:, None])
+        self._free_by_rank = np.full(num_ranks, self.blocks_per_rank, dtype=np.int64)
         self.peak_held = 0  # high-water mark of held head-blocks
         self.tables: dict[str, HeadTable] = {}
         self._tokens: dict[str, int] = {}
@@ -33,11 +50,16 @@ class HeadBlockPool:
     # ------------------------------------------------------------ queries
     @property
     def num_free(self) -> int:
-        return self._num_free
+        return int(self._free_by_rank.sum())
+
+    @property
+    def free_by_rank(self) -> np.ndarray:
+        """Free head-blocks of each rank (a copy)."""
+        return self._free_by_rank.copy()
 
     @property
     def num_held(self) -> int:
-        return self.num_head_blocks - self._num_free
+        return self.num_head_blocks - self.num_free
 
     @property
     def usage(self) -> float:
@@ -48,18 +70,28 @@ class HeadBlockPool:
         """Head-blocks that one vLLM token block stands for (all layers, heads)."""
         return self.num_layers * self.num_kv_heads
 
-    def held_by(self, req_id: str) -> int:
-        table = self.tables.get(req_id)
-        return int(table.nblocks.sum()) if table is not None else 0
+    def by_rank(self, per_head: np.ndarray) -> np.ndarray:
+        """Sum an ``[L, H]`` array over each rank's heads: ``[ranks]``."""
+        shape = (self.num_layers, self.num_ranks, self.heads_per_rank)
+        return per_head.reshape(shape).sum(axis=(0, 2))
 
-    def blocks_to_grow(self, req_id: str, num_tokens: int) -> int:
-        """Head-blocks ``req_id`` still needs to hold ``num_tokens`` tokens."""
+    def held_by(self, req_id: str) -> np.ndarray:
+        """Head-blocks ``req_id`` holds on each rank."""
+        table = self.tables.get(req_id)
+        if table is None:
+            return np.zeros(self.num_ranks, dtype=np.int64)
+        return self.by_rank(table.nblocks)
+
+    def blocks_to_grow(self, req_id: str, num_tokens: int) -> np.ndarray:
+        """Head-blocks ``req_id`` still needs on each rank to hold
+        ``num_tokens`` tokens."""
         table = self.tables.get(req_id)
         if table is None:
             per_head = -(-num_tokens // self.block_size)
-            return per_head * self.heads_per_token_block
+            return np.full(self.num_ranks, per_head * self.num_layers * self.heads_per_rank,
+                           dtype=np.int64)
         new_tokens = max(num_tokens - self._tokens[req_id], 0)
-        return int(table.blocks_short(new_tokens).sum())
+        return self.by_rank(table.blocks_short(new_tokens))
 
     # ------------------------------------------------------------ changes
     def grow(self, req_id: str, num_tokens: int) -> bool:
@@ -81,11 +113,10 @@ class HeadBlockPool:
                 f"holds {seen}"
             )
         counts = table.blocks_short(new_tokens)
-        total = int(counts.sum())
-        if total > self._num_free:
+        need = self.by_rank(counts)
+        if (need > self._free_by_rank).any():
             return False
-        ids = self._free[self._num_free - total : self._num_free][::-1].copy()
-        self._num_free -= total
+        ids = self._take(counts, need)
         self.peak_held = max(self.peak_held, self.num_held)
         table.append_blocks(counts, ids)
         table.lens += new_tokens
@@ -103,9 +134,25 @@ class HeadBlockPool:
         self._release(ids)
         return len(ids)
 
+    def _take(self, counts: np.ndarray, need: np.ndarray) -> np.ndarray:
+        """Pop ``counts[l, h]`` ids for each head from its rank's stack; the
+        ids in (layer, head) order."""
+        ranks = np.repeat(self._rank_of_head, counts.reshape(-1))
+        ids = np.empty(len(ranks), dtype=np.int32)
+        for rank in np.flatnonzero(need):
+            top = self._free_by_rank[rank]
+            taken = self._free[rank, top - need[rank] : top][::-1]
+            ids[ranks == rank if self.num_ranks > 1 else slice(None)] = taken
+            self._free_by_rank[rank] -= need[rank]
+        return ids
+
     def _release(self, ids: np.ndarray) -> None:
-        self._free[self._num_free : self._num_free + len(ids)] = ids[::-1]
-        self._num_free += len(ids)
+        ranks = ids // self.blocks_per_rank
+        for rank in np.unique(ranks):
+            mine = ids[ranks == rank]
+            top = self._free_by_rank[rank]
+            self._free[rank, top : top + len(mine)] = mine[::-1]
+            self._free_by_rank[rank] += len(mine)
 
     def free(self, req_id: str) -> int:
         """Return every head-block of ``req_id``; the number freed."""
@@ -134,7 +181,8 @@ class HeadBlockPool:
         """Raise ``PoolBooksError`` unless free + held == pool, no id twice."""
         held = [t.held_ids() for t in self.tables.values()]
         held_ids = np.concatenate(held) if held else np.zeros(0, np.int32)
-        free_ids = self._free[: self._num_free]
+        free_ids = np.concatenate([self._free[rank, : self._free_by_rank[rank]]
+                                   for rank in range(self.num_ranks)])
         if len(held_ids) + len(free_ids) != self.num_head_blocks:
             raise PoolBooksError(
                 f"{len(free_ids)} free + {len(held_ids)} held != "
@@ -147,3 +195,12 @@ class HeadBlockPool:
         if seen.max(initial=0) > 1 or len(seen) != self.num_head_blocks:
             twice = np.flatnonzero(seen > 1)[:5].tolist()
             raise PoolBooksError(f"head-block ids held twice: {twice}")
+        if self.num_ranks > 1:
+            for req_id, table in self.tables.items():
+                held_mask = np.arange(table.table.shape[2]) < table.nblocks[..., None]
+                owner = np.broadcast_to(
+                    self._rank_of_head.reshape(table.nblocks.shape)[..., None],
+                    held_mask.shape)
+                if (table.table[held_mask] // self.blocks_per_rank != owner[held_mask]).any():
+                    raise PoolBooksError(
+                        f"request {req_id} holds head-blocks of another rank's memory")

@@ -32,7 +32,10 @@ class KVCompressScheduler(Scheduler):
         self.kv_compress = KVCompressConfig.from_additional_config(
             vllm_config.additional_config
         )
-        self.head_pool = HeadBlockPool(**vars(pool_shape(kv_cache_config)))
+        # vLLM's config describes one rank; the pool spans all of them.
+        tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.head_pool = HeadBlockPool(
+            **vars(pool_shape(kv_cache_config).over_ranks(tp_size)))
         self.kv_cache_manager = HeadBlockKVCacheManager(
             self.kv_cache_manager, self.head_pool, self.peak_head_blocks,
             on_free=lambda req_id: self.triggers.forget(req_id))
@@ -49,11 +52,13 @@ class KVCompressScheduler(Scheduler):
             StatsBoard(board_path, writable=True) if board_path else None)
         self.stats.publish(self.head_pool)
         logger.info(
-            "KV compression: %d head-blocks of %d tokens (%d layers x %d KV heads).",
-            self.head_pool.num_head_blocks,
+            "KV compression: %d head-blocks of %d tokens (%d layers x %d KV heads) "
+            "on each of %d tensor-parallel rank(s).",
+            self.head_pool.blocks_per_rank,
             self.head_pool.block_size,
             self.head_pool.num_layers,
-            self.head_pool.num_kv_heads,
+            self.head_pool.heads_per_rank,
+            self.head_pool.num_ranks,
         )
 
     def add_request(self, request) -> None:
@@ -110,7 +115,8 @@ class KVCompressScheduler(Scheduler):
         """Who compresses after this step (``triggers.py`` says when)."""
         pool = self.head_pool
         self.triggers.step = self.step_count
-        running_dry = pool.num_free < len(self.running) * pool.heads_per_token_block
+        step_need = len(self.running) * pool.heads_per_token_block // pool.num_ranks
+        running_dry = bool((pool.free_by_rank < step_need).any())
         orders = {}
         for req_id in output.num_scheduled_tokens:
             request = self.requests[req_id]

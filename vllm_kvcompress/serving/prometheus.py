@@ -19,6 +19,9 @@ GAUGES = {
     "head_blocks_total": "Head-blocks in the pool (token blocks x layers x KV heads).",
     "head_blocks_free": "Head-blocks free to be given to requests.",
     "head_blocks_held": "Head-blocks held by requests (0 when idle).",
+    "head_blocks_free_lowest_rank": (
+        "Free head-blocks of the tensor-parallel rank with the fewest; a "
+        "request is admitted only when every rank has room."),
 }
 COUNTERS = {
     "kvs_evicted": ("kvs_evicted", "KVs evicted, over all layers and KV heads."),

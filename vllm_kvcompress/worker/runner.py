@@ -27,6 +27,7 @@ from ..protocol import (
 )
 from ..ragged import token_rows
 from .batch_tables import BatchHeadTables, RowFollower
+from .rank_slice import RankSlice
 
 
 class HeadPagedRunnerMixin:
@@ -43,7 +44,9 @@ class HeadPagedRunnerMixin:
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
-        shape = pool_shape(kv_cache_config)
+        shape = pool_shape(kv_cache_config)  # this rank's heads and memory
+        self.rank_slice = RankSlice.of_this_worker(
+            shape.num_layers, shape.num_kv_heads, shape.num_head_blocks)
         group = kv_cache_config.kv_cache_groups[0]
         spec = group.kv_cache_spec
         layer_names = list(group.layer_names)
@@ -65,7 +68,8 @@ class HeadPagedRunnerMixin:
         self.compressor = Compressor(
             self.head_cache, self.kv_metric, self.kv_position,
             impl.ops.key_layout(shape.block_size, spec.head_size, spec.dtype),
-            impl.scale, move_slots=impl.ops.move_slots)
+            impl.scale, move_slots=impl.ops.move_slots,
+            sum_over_ranks=self.rank_slice.sum_over_ranks)
         self.windows = WindowStore(
             shape.num_layers, impl.num_heads, spec.head_size,
             self.kv_compress.window, spec.dtype)
@@ -106,7 +110,7 @@ class HeadPagedRunnerMixin:
             self.windows.drop(req_id)
             self._compressing.pop(req_id, None)
         if self._step is not None:
-            self.batch_tables.apply_grants(self._step.grants)
+            self.batch_tables.apply_grants(self.rank_slice.local_grants(self._step.grants))
         return result
 
     def sample_tokens(self, grammar_output):
@@ -136,7 +140,7 @@ class HeadPagedRunnerMixin:
             self.batch_tables.store_lengths(req_id, table)
             reply.new_lens[req_id] = table.lens.copy()
         reply.seconds = time.perf_counter() - started
-        self._reply = reply
+        self._reply = self.rank_slice.gather_reply(reply)
 
     def _get_slot_mappings(self, num_tokens_padded, num_reqs_padded,
                            num_tokens_unpadded, ubatch_slices=None):
@@ -192,6 +196,7 @@ class HeadPagedRunnerMixin:
         """Debug mode: our tables equal the scheduler's, request by request
         (after this step's lengths advanced, both count the same tokens)."""
         for req_id, books in expected.items():
+            books = self.rank_slice.local_books(books)
             if req_id not in self.batch_tables.row_of:
                 raise PoolBooksError(f"worker has no head table for {req_id}")
             ours = self.batch_tables.snapshot(req_id)

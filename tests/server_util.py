@@ -17,13 +17,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def vllm_server(model: str, args: list[str], log_path: Path, startup_timeout=300):
-    """Yield the base URL of a running server; stop it on exit."""
+def vllm_server(model: str, args: list[str], log_path: Path, startup_timeout=300,
+                env: dict | None = None):
+    """Yield the base URL of a running server; stop it on exit. ``env``
+    adds variables to the server's environment."""
     port = free_port()
     vllm_bin = os.path.join(os.path.dirname(sys.executable), "vllm")
     cmd = [vllm_bin, "serve", model, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", *args]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           **(env or {})}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         base = f"http://127.0.0.1:{port}"

@@ -120,3 +120,31 @@ def test_cake_splits_layers_as_one_rank_would(contrast_llama, tmp_path):
             for rank_kvs in split[layer]:
                 assert abs(rank_kvs - whole[layer] / RANKS) <= KV_HEADS // RANKS * BLOCK, (
                     i, whole, split)
+
+
+def test_serve_with_two_ranks_answers_the_openai_client(llama_4kv, tmp_path):
+    """``vllm serve --tensor-parallel-size 2 --kv-compress-rate 8``: plain and
+    streamed completions of a long prompt are answered, KVs are evicted,
+    and once idle both ranks have every head-block back."""
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    from server_util import metric, vllm_server, wait_idle
+
+    text = AutoTokenizer.from_pretrained(llama_4kv).decode(
+        mixed_prompts(llama_4kv, [900], seed=7)[0])
+    args = ["--tensor-parallel-size", str(RANKS), "--kv-compress-rate", "8",
+            "--kv-compress-debug", "--max-model-len", "2048", "--enforce-eager"]
+    with vllm_server(llama_4kv, args, tmp_path / "server.log", env=ENV) as base:
+        client = OpenAI(base_url=base + "/v1", api_key="unused")
+        common = dict(model=llama_4kv, prompt=text, max_tokens=24, temperature=0)
+        plain = client.completions.create(**common)
+        assert plain.usage.completion_tokens == 24 and plain.choices[0].text
+        streamed = "".join(c.choices[0].text
+                           for c in client.completions.create(stream=True, **common))
+        assert streamed == plain.choices[0].text
+        assert metric(base, "vllm:kv_compress_kvs_evicted_total") > 0
+        assert wait_idle(base) == 0
+        total = metric(base, "vllm:kv_compress_head_blocks_total")
+        assert metric(base, "vllm:kv_compress_head_blocks_free") == total
+        assert metric(base, "vllm:kv_compress_head_blocks_free_lowest_rank") == total / RANKS

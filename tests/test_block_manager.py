@@ -10,15 +10,6 @@ from vllm_kvcompress.head_table import HeadTable
 L, H, BS = 3, 2, 4
 
 
-def mirror(pool: HeadBlockPool, tables: dict) -> None:
-    """Apply the pool's grants the way the worker does."""
-    for req_id, grants in pool.take_grants().items():
-        for grant in grants:
-            if grant.fresh:
-                tables[req_id] = HeadTable(L, H, BS)
-            tables[req_id].append_blocks(grant.counts, grant.block_ids)
-
-
 def test_grow_allocates_ceil_per_head_and_free_returns_all():
     pool = HeadBlockPool(100, L, H, BS)
     assert pool.blocks_to_grow("a", 9).tolist() == [3 * L * H]  # one rank
@@ -36,35 +27,6 @@ def test_grow_refuses_without_changing_anything():
     assert not pool.grow("a", 9)  # needs 18
     assert pool.num_free == 10 and "a" not in pool.tables
     assert pool.take_grants() == {}
-
-
-def test_worker_mirror_equals_scheduler_tables_under_random_traffic():
-    rng = np.random.default_rng(0)
-    pool = HeadBlockPool(400, L, H, BS)
-    worker: dict[str, HeadTable] = {}
-    tokens: dict[str, int] = {}
-    for step in range(300):
-        req = f"r{rng.integers(8)}"
-        if req in tokens and rng.random() < 0.15:
-            pool.free(req)
-            worker.pop(req)
-            tokens.pop(req)
-        else:
-            target = tokens.get(req, 0) + int(rng.integers(1, 11))
-            if pool.grow(req, target):
-                tokens[req] = target
-        mirror(pool, worker)
-        for worker_req, worker_table in worker.items():
-            if worker_req in tokens:
-                worker_table.lens[:] = tokens[worker_req]
-        pool.check_books()
-        assert set(worker) == set(pool.tables)
-        for req_id, table in pool.tables.items():
-            ours = worker[req_id]
-            assert np.array_equal(ours.nblocks, table.nblocks)
-            assert np.array_equal(np.sort(ours.held_ids()), np.sort(table.held_ids()))
-            mask = np.arange(table.table.shape[2]) < table.nblocks[..., None]
-            assert np.array_equal(ours.table[mask], table.table[mask])
 
 
 def test_books_check_catches_a_double_grant():

@@ -68,13 +68,16 @@ def test_books_check_catches_an_id_of_another_rank():
         pool.check_books()
 
 
-def test_rank_tables_mirror_the_scheduler_under_random_traffic():
+@pytest.mark.parametrize("num_ranks", [1, RANKS])
+def test_rank_tables_mirror_the_scheduler_under_random_traffic(num_ranks):
     """Grants cut per rank rebuild exactly each rank's columns of the
     scheduler's tables, with local ids, while requests grow, shrink unevenly
-    across ranks and leave."""
+    across heads and ranks, and leave (one rank: the worker's copy is the
+    scheduler's table)."""
     rng = np.random.default_rng(0)
-    pool = HeadBlockPool(PER_RANK * RANKS * 4, L, H, BS, num_ranks=RANKS)
-    ranks = [RankSlice(r, RANKS, L, HL, PER_RANK * 4) for r in range(RANKS)]
+    per_rank, heads = PER_RANK * RANKS * 4 // num_ranks, H // num_ranks
+    pool = HeadBlockPool(per_rank * num_ranks, L, H, BS, num_ranks=num_ranks)
+    ranks = [RankSlice(r, num_ranks, L, heads, per_rank) for r in range(num_ranks)]
     workers = [dict() for _ in ranks]
     tokens: dict[str, int] = {}
     for step in range(300):
@@ -98,7 +101,7 @@ def test_rank_tables_mirror_the_scheduler_under_random_traffic():
             for req_id, request_grants in rank.local_grants(grants).items():
                 for grant in request_grants:
                     if grant.fresh:
-                        tables[req_id] = HeadTable(L, HL, BS)
+                        tables[req_id] = HeadTable(L, rank.num_kv_heads, BS)
                     tables[req_id].append_blocks(grant.counts, grant.block_ids)
             for req_id, table in tables.items():  # the worker's lengths advance
                 table.lens = pool.tables[req_id].lens[:, rank.heads].copy()

@@ -52,16 +52,24 @@ def run(spec: dict) -> dict:
     if spec.get("abort_during_compression"):
         abort_while_compressing(engine, scheduler, spec["abort"], aborted_in_compression)
 
+    prefix_hits = count_prefix_hits(scheduler)
     extra = spec.get("extra_args") or [None] * len(spec["prompts"])
-    for i, ids in enumerate(spec["prompts"]):
-        params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0,
-                                ignore_eos=True, extra_args=extra[i])
-        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
+    # Requests go in waves: each wave once the previous one has finished.
+    waves = spec.get("waves") or [list(range(len(spec["prompts"])))]
+
+    def add_wave():
+        for i in waves.pop(0):
+            params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0,
+                                    ignore_eos=True, extra_args=extra[i])
+            engine.add_request(str(i), {"prompt_token_ids": spec["prompts"][i]}, params)
 
     outputs, finish_reasons, trace, step = {}, {}, [], 0
     held_before = held_after = None
     abort = [str(i) for i in spec.get("abort", [])]
-    while engine.has_unfinished_requests():
+    add_wave()
+    while engine.has_unfinished_requests() or waves:
+        if not engine.has_unfinished_requests():
+            add_wave()
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = list(out.outputs[0].token_ids)
@@ -76,6 +84,7 @@ def run(spec: dict) -> dict:
             "held": pool.num_held if pool else None,
             "free": pool.num_free if pool else None,
             "free_by_rank": pool.free_by_rank.tolist() if pool else None,
+            "cached": pool.num_cached if pool else None,
             "usage": scheduler.kv_cache_manager.usage,
             "requests": {  # by the id given to add_request
                 rid.rsplit("-", 1)[0]: {"kvs": int(t.lens.sum()), "blocks": int(t.nblocks.sum()),
@@ -99,6 +108,7 @@ def run(spec: dict) -> dict:
         "held_around_abort": [held_before, held_after],
         "aborted_in_compression": aborted_in_compression,
         "peak_blocks": peak_blocks,
+        "prefix_hits": prefix_hits,
         # vLLM compiled the model (no enforce_eager, compilation mode on).
         "compiled": compiled_mode(engine),
     }
@@ -113,6 +123,23 @@ def run(spec: dict) -> dict:
             "tables": sorted(pool.tables),
         }
     return result
+
+
+def count_prefix_hits(scheduler) -> dict:
+    """Cached tokens found per request id at its last prefix-cache lookup (for
+    stock and plugin alike), filled in as the engine runs."""
+    manager = scheduler.kv_cache_manager
+    original = manager.get_computed_blocks
+    hits = {}
+
+    def get_computed_blocks(request):
+        found = original(request)
+        key = request.request_id.rsplit("-", 1)[0]
+        hits[key] = found[1]  # the last lookup (a request may wait and look again)
+        return found
+
+    manager.get_computed_blocks = get_computed_blocks
+    return hits
 
 
 def compiled_mode(engine) -> bool:

@@ -83,7 +83,6 @@ def test_unknown_setting_is_named(tiny_llama):
     ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size 2.*Allowed: --pipeline-parallel-size 1"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
                              "prompt_lookup_max": 3}}, "--speculative-config"),
-    ({"enable_prefix_caching": True}, "--enable-prefix-caching"),
     ({"block_size": 48}, "--block-size 48.*multiple of 32"),
     ({"kv_transfer_config": KVTransferConfig(kv_connector="ExampleConnector",
                                              kv_role="kv_both")},
@@ -129,12 +128,19 @@ def test_compression_rewrites_engine_config(tiny_llama):
     assert config.additional_config["kv_compress_policy"] == "snapkv"
     assert config.scheduler_config.scheduler_cls.endswith("KVCompressScheduler")
     assert config.parallel_config.worker_cls.endswith("KVCompressCPUWorker")
-    assert config.cache_config.enable_prefix_caching is False
     assert config.cache_config.block_size == 32
     # vLLM's compiled model is kept (attention runs between compiled pieces).
     assert config.model_config.enforce_eager is False
     assert config.compilation_config.mode != CompilationMode.NONE
     assert config.scheduler_config.async_scheduling is False
+
+
+@pytest.mark.parametrize("flag, wanted", [(None, True), (True, True), (False, False)])
+def test_prefix_caching_follows_vllm(tiny_llama, flag, wanted):
+    """vLLM's default (on) unless the user says otherwise."""
+    kwargs = {} if flag is None else {"enable_prefix_caching": flag}
+    config = build(tiny_llama, kv_compress_rate=8, **kwargs)
+    assert config.cache_config.enable_prefix_caching is wanted
 
 
 def test_without_the_flag_nothing_changes(tiny_llama):

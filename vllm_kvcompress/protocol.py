@@ -26,11 +26,14 @@ class BlockGrant:
     fresh: the request's tables start empty (new, or resumed after preemption).
     counts: ``[L, H]`` ids appended to each (layer, KV head).
     block_ids: the ids, heads in (layer, head) order.
+    cached_tokens: with ``fresh``, tokens the request starts with (a prefix
+        cache hit: the granted ids are shared blocks already written).
     """
 
     fresh: bool
     counts: np.ndarray
     block_ids: np.ndarray
+    cached_tokens: int = 0
 
 
 @dataclass

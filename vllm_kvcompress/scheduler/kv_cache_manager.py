@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 
+from ..protocol import PoolBooksError
 from .pool import HeadBlockPool
 
 
@@ -30,9 +31,13 @@ class NoTokenBlocks(KVCacheBlocks):
 class HeadBlockKVCacheManager:
     def __init__(self, stock_manager: Any, pool: HeadBlockPool,
                  peak_head_blocks: Callable[[Any], int],
-                 on_free: Callable[[str], None] = lambda req_id: None):
+                 on_free: Callable[[str], None] = lambda req_id: None,
+                 shares_prefix: Callable[[Any], bool] = lambda request: False):
         self._stock = stock_manager
         self.pool = pool
+        # Whether a request may use and feed the prefix cache (prefix caching
+        # on, and the request is never compressed).
+        self._shares_prefix = shares_prefix
         # Head-blocks a request holds at its peak (vLLM admits a new request
         # only if that fits; with cascading it is less than the prompt).
         self._peak_head_blocks = peak_head_blocks
@@ -82,11 +87,53 @@ class HeadBlockKVCacheManager:
             if (peak - self.pool.held_by(req_id) > free).any():
                 return None
         target = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
-        if (self.pool.blocks_to_grow(req_id, target) > free).any():
+        hits = self._hit_hashes(request, num_new_computed_tokens)
+        need = self.pool.blocks_to_grow(req_id, target) - (
+            len(hits) * self.pool.num_layers * self.pool.heads_per_rank)
+        # Idle cached blocks the request is about to hold count as free now.
+        need += self._idle_blocks_per_rank(hits)
+        if (need > free).any():
             return None
+        if hits:
+            self.pool.attach_prefix(req_id, hits)
         if not self.pool.grow(req_id, target):
-            return None
+            raise PoolBooksError(f"{req_id} did not fit after the room check")
+        if self._shares_prefix(request):
+            self.pool.register_prefix(req_id, request.block_hashes,
+                                      min(target, request.num_tokens))
         return self._granted
+
+    # ------------------------------------------------------------ prefixes
+    def get_computed_blocks(self, request):
+        """The longest cached prefix of ``request``'s full blocks (at most
+        all but its last token, which must be computed for its logits)."""
+        if not (self._shares_prefix(request)
+                and self._stock.prefix_cache_lookup_enabled(request)):
+            return self._stock.empty_kv_cache_blocks, 0, 0
+        max_blocks = (request.num_tokens - 1) // self.pool.block_size
+        hits = self.pool.prefix.longest_hit(request.block_hashes, max_blocks)
+        return self._granted, len(hits) * self.pool.block_size, 0
+
+    def _hit_hashes(self, request, num_new_computed_tokens: int) -> list:
+        if num_new_computed_tokens == 0:
+            return []
+        if num_new_computed_tokens % self.pool.block_size or request.request_id in self.pool.tables:
+            raise PoolBooksError(
+                f"{num_new_computed_tokens} cached tokens for {request.request_id} "
+                "are not a prefix hit of whole blocks on a new request")
+        return list(request.block_hashes[: num_new_computed_tokens // self.pool.block_size])
+
+    def _idle_blocks_per_rank(self, hits: list) -> int:
+        idle = sum(1 for h in hits if h in self.pool.prefix.idle)
+        return idle * self.pool.num_layers * self.pool.heads_per_rank
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix, as vLLM does: only when no request
+        holds one (False otherwise)."""
+        if any(self.pool.prefix.holders.values()):
+            return False
+        self.pool.clear_prefix_cache()
+        return self._stock.reset_prefix_cache()
 
     def free(self, request) -> None:
         self.pool.free(request.request_id)
@@ -105,7 +152,8 @@ class HeadBlockKVCacheManager:
         return self._stock.empty_kv_cache_blocks.get_block_ids()
 
     def cache_blocks(self, request, num_computed_tokens: int) -> None:
-        """Prefix caching is off with compression: nothing to cache."""
+        """Blocks are cached in ``allocate_slots``; vLLM calls this only for
+        KV connectors and speculative decoding, which are refused."""
 
     def remove_skipped_blocks(self, *args, **kwargs) -> None:
         """No sliding-window layers with compression: nothing to skip."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..head_table import HeadTable
 from ..protocol import BlockGrant, PoolBooksError
+from .prefix_cache import PrefixCache
 
 
 class HeadBlockPool:
@@ -41,7 +42,8 @@ class HeadBlockPool:
         # One stack per rank: ids are popped from the end, low ids first.
         self._free = (np.arange(self.blocks_per_rank - 1, -1, -1, dtype=np.int32)[None, :]
                       + (np.arange(num_ranks, dtype=np.int32) * self.blocks_per_rank)[:, None])
-        self._free_by_rank = np.full(num_ranks, self.blocks_per_rank, dtype=np.int64)
+        self._stacked = np.full(num_ranks, self.blocks_per_rank, dtype=np.int64)
+        self.prefix = PrefixCache(num_head_blocks)
         self.peak_held = 0  # high-water mark of held head-blocks
         self.tables: dict[str, HeadTable] = {}
         self._tokens: dict[str, int] = {}
@@ -50,12 +52,21 @@ class HeadBlockPool:
     # ------------------------------------------------------------ queries
     @property
     def num_free(self) -> int:
-        return int(self._free_by_rank.sum())
+        return int(self.free_by_rank.sum())
 
     @property
     def free_by_rank(self) -> np.ndarray:
-        """Free head-blocks of each rank (a copy)."""
-        return self._free_by_rank.copy()
+        """Free head-blocks of each rank, cached ones nobody holds included."""
+        return self._stacked + len(self.prefix.idle) * self._entry_blocks_per_rank
+
+    @property
+    def _entry_blocks_per_rank(self) -> int:
+        return self.num_layers * self.heads_per_rank
+
+    @property
+    def num_cached(self) -> int:
+        """Head-blocks in the prefix cache (held by requests or not)."""
+        return len(self.prefix) * self.heads_per_token_block
 
     @property
     def num_held(self) -> int:
@@ -114,7 +125,7 @@ class HeadBlockPool:
             )
         counts = table.blocks_short(new_tokens)
         need = self.by_rank(counts)
-        if (need > self._free_by_rank).any():
+        if (need > self.free_by_rank).any():
             return False
         ids = self._take(counts, need)
         self.peak_held = max(self.peak_held, self.num_held)
@@ -131,44 +142,85 @@ class HeadBlockPool:
         if table is None:  # finished or aborted since the order was sent
             return 0
         ids = table.truncate(new_lens)
+        if self.prefix.cached[ids].any():
+            raise PoolBooksError(
+                f"compression of {req_id} let go of cached prefix blocks")
         self._release(ids)
         return len(ids)
 
     def _take(self, counts: np.ndarray, need: np.ndarray) -> np.ndarray:
         """Pop ``counts[l, h]`` ids for each head from its rank's stack; the
         ids in (layer, head) order."""
+        short = int((need - self._stacked).max(initial=0))
+        if short > 0:  # reclaim cached blocks nobody holds (whole entries)
+            self._release(self.prefix.reclaim(-(-short // self._entry_blocks_per_rank)))
         ranks = np.repeat(self._rank_of_head, counts.reshape(-1))
         ids = np.empty(len(ranks), dtype=np.int32)
         for rank in np.flatnonzero(need):
-            top = self._free_by_rank[rank]
+            top = self._stacked[rank]
             taken = self._free[rank, top - need[rank] : top][::-1]
             ids[ranks == rank if self.num_ranks > 1 else slice(None)] = taken
-            self._free_by_rank[rank] -= need[rank]
+            self._stacked[rank] -= need[rank]
         return ids
 
     def _release(self, ids: np.ndarray) -> None:
         ranks = ids // self.blocks_per_rank
         for rank in np.unique(ranks):
             mine = ids[ranks == rank]
-            top = self._free_by_rank[rank]
+            top = self._stacked[rank]
             self._free[rank, top : top + len(mine)] = mine[::-1]
-            self._free_by_rank[rank] += len(mine)
+            self._stacked[rank] += len(mine)
 
     def free(self, req_id: str) -> int:
         """Return every head-block of ``req_id``; the number freed."""
         table = self.tables.pop(req_id, None)
         self._tokens.pop(req_id, None)
         self._grants.pop(req_id, None)
+        self.prefix.release(req_id)
         if table is None:
             return 0
         ids = table.held_ids()
-        self._release(ids)
+        self._release(ids[~self.prefix.cached[ids]])  # cached ones stay cached
         return len(ids)
 
+    # ------------------------------------------------------------ prefixes
+    def attach_prefix(self, req_id: str, hashes: list) -> None:
+        """A new request starts with the cached blocks ``hashes`` (a prefix
+        hit): their ids go into its tables, shared, and count as computed."""
+        if req_id in self.tables:
+            raise PoolBooksError(f"prefix hit for {req_id}, which already holds blocks")
+        ids = self.prefix.hold(req_id, hashes)  # [k, L, H]
+        table = HeadTable(self.num_layers, self.num_kv_heads, self.block_size)
+        counts = np.full((self.num_layers, self.num_kv_heads), len(hashes))
+        in_head_order = np.ascontiguousarray(ids.transpose(1, 2, 0)).reshape(-1)
+        table.append_blocks(counts, in_head_order)
+        tokens = len(hashes) * self.block_size
+        table.lens += tokens
+        self.tables[req_id] = table
+        self._tokens[req_id] = tokens
+        self._record_grant(req_id, True, counts, in_head_order, cached_tokens=tokens)
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every idle cached block (``reset_prefix_cache``)."""
+        self._release(self.prefix.reclaim(len(self.prefix.idle)))
+
+    def register_prefix(self, req_id: str, hashes: list, num_tokens: int) -> None:
+        """Cache ``req_id``'s full blocks among its first ``num_tokens``
+        tokens (uncompressed: every head holds block j at column j)."""
+        table = self.tables[req_id]
+        first = len(self.prefix.held.get(req_id, ()))
+        for j in range(first, min(num_tokens // self.block_size, len(hashes))):
+            if not self.prefix.register(req_id, hashes[j], table.table[:, :, j]):
+                # Same tokens cached by another request: later blocks chain
+                # on this hash, so stop (vLLM keeps the first copy too).
+                break
+
     def _record_grant(
-        self, req_id: str, fresh: bool, counts: np.ndarray, ids: np.ndarray
+        self, req_id: str, fresh: bool, counts: np.ndarray, ids: np.ndarray,
+        cached_tokens: int = 0,
     ) -> None:
-        grant = BlockGrant(fresh=fresh, counts=counts.astype(np.int32), block_ids=ids)
+        grant = BlockGrant(fresh=fresh, counts=counts.astype(np.int32), block_ids=ids,
+                           cached_tokens=cached_tokens)
         self._grants.setdefault(req_id, []).append(grant)
 
     def take_grants(self) -> dict[str, list[BlockGrant]]:
@@ -178,11 +230,18 @@ class HeadBlockPool:
 
     # ------------------------------------------------------------ checks
     def check_books(self) -> None:
-        """Raise ``PoolBooksError`` unless free + held == pool, no id twice."""
+        """Raise ``PoolBooksError`` unless every id is exactly one of: free,
+        cached (in one prefix entry, held by any number of requests), or held
+        by one request; and the prefix entries' holders add up."""
+        problem = self.prefix.check()
+        if problem:
+            raise PoolBooksError(problem)
         held = [t.held_ids() for t in self.tables.values()]
         held_ids = np.concatenate(held) if held else np.zeros(0, np.int32)
-        free_ids = np.concatenate([self._free[rank, : self._free_by_rank[rank]]
-                                   for rank in range(self.num_ranks)])
+        held_ids = held_ids[~self.prefix.cached[held_ids]]
+        cached_ids = np.flatnonzero(self.prefix.cached).astype(np.int32)
+        free_ids = np.concatenate([self._free[rank, : self._stacked[rank]]
+                                   for rank in range(self.num_ranks)] + [cached_ids])
         if len(held_ids) + len(free_ids) != self.num_head_blocks:
             raise PoolBooksError(
                 f"{len(free_ids)} free + {len(held_ids)} held != "

@@ -38,7 +38,9 @@ class KVCompressScheduler(Scheduler):
             **vars(pool_shape(kv_cache_config).over_ranks(tp_size)))
         self.kv_cache_manager = HeadBlockKVCacheManager(
             self.kv_cache_manager, self.head_pool, self.peak_head_blocks,
-            on_free=lambda req_id: self.triggers.forget(req_id))
+            on_free=lambda req_id: self.triggers.forget(req_id),
+            shares_prefix=self._shares_prefix)
+        self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
         self.chunk_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.request_settings: dict[str, KVCompressConfig] = {}
         # Refused at arrival (they could never fit the pool); their error
@@ -77,6 +79,15 @@ class KVCompressScheduler(Scheduler):
                 self.head_pool.num_head_blocks)
             self._refused.extend(
                 self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR))
+
+    def _shares_prefix(self, request) -> bool:
+        """Prefix caching serves only requests that are never compressed:
+        compressing a block that other requests share needs copy-on-compress,
+        which is not built yet."""
+        if not self.prefix_caching:
+            return False
+        settings = self.request_settings.get(request.request_id, self.kv_compress)
+        return not settings.evicts
 
     def peak_head_blocks(self, request) -> int:
         """Head-blocks ``request`` holds at most while its prompt is read: all

@@ -121,6 +121,7 @@ class BatchHeadTables:
             for grant in request_grants:
                 if grant.fresh:
                     self._zero(row)
+                    self.lens[:, row] = grant.cached_tokens
                 rows.append(row)
                 counts.append(grant.counts.reshape(-1))
                 ids.append(grant.block_ids)

@@ -61,7 +61,8 @@ class RankSlice:
                 counts=np.ascontiguousarray(grant.counts[:, self.heads]),
                 block_ids=grant.block_ids[np.repeat(mine.reshape(-1),
                                                     grant.counts.reshape(-1))]
-                - self.first_id)
+                - self.first_id,
+                cached_tokens=grant.cached_tokens)
                 for grant in request_grants]
             for req_id, request_grants in grants.items()
         }

@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+import torch
+
 
 def run(spec: dict) -> dict:
     os.environ.update(spec.get("env", {}))
@@ -53,6 +55,7 @@ def run(spec: dict) -> dict:
         abort_while_compressing(engine, scheduler, spec["abort"], aborted_in_compression)
 
     prefix_hits = count_prefix_hits(scheduler)
+    watch = CachedBytesWatch(engine, pool) if spec.get("watch_cached") else None
     extra = spec.get("extra_args") or [None] * len(spec["prompts"])
     # Requests go in waves: each wave once the previous one has finished.
     waves = spec.get("waves") or [list(range(len(spec["prompts"])))]
@@ -100,6 +103,8 @@ def run(spec: dict) -> dict:
         })
         if pool is not None:
             scheduler.check_books()
+        if watch is not None:
+            watch.check()
     result = {
         "outputs": outputs,
         "finish_reasons": finish_reasons,
@@ -109,6 +114,7 @@ def run(spec: dict) -> dict:
         "aborted_in_compression": aborted_in_compression,
         "peak_blocks": peak_blocks,
         "prefix_hits": prefix_hits,
+        "cached_blocks_watched": watch.watched if watch else 0,
         # vLLM compiled the model (no enforce_eager, compilation mode on).
         "compiled": compiled_mode(engine),
     }
@@ -123,6 +129,34 @@ def run(spec: dict) -> dict:
             "tables": sorted(pool.tables),
         }
     return result
+
+
+class CachedBytesWatch:
+    """The bytes (K, V and the positions beside them) of every head-block
+    in the prefix cache, checked unchanged after every step for as long as
+    the block stays cached (single worker in this process only)."""
+
+    def __init__(self, engine, pool):
+        executor = engine.engine_core.engine_core.model_executor
+        self.runner = executor.driver_worker.worker.model_runner
+        self.pool = pool
+        self.seen = {}  # (hash, id) -> bytes
+        self.watched = 0
+
+    def check(self) -> None:
+        kv, positions = self.runner.head_cache.kv, self.runner.kv_position
+        now = {}
+        for block_hash, ids in self.pool.prefix.ids.items():
+            for block in ids.reshape(-1).tolist():
+                key = (block_hash, block)
+                data = kv[block].clone(), positions[block].clone()
+                before = self.seen.get(key)
+                if before is not None and not (torch.equal(before[0], data[0])
+                                               and torch.equal(before[1], data[1])):
+                    raise AssertionError(f"cached head-block {block} changed")
+                now[key] = before or data
+        self.watched += len(set(now) - set(self.seen))
+        self.seen = now
 
 
 def count_prefix_hits(scheduler) -> dict:

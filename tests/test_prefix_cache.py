@@ -1,12 +1,13 @@
 """Prefix caching over the head-block pool, without vLLM: hits share the
 cached ids, holders are counted, idle entries are reclaimed least recently
-released first, and the books balance with ids in several tables."""
+released first, compression first copies the cached blocks it holds, and
+the books balance with ids in several tables."""
 
 import numpy as np
 import pytest
 
 from vllm_kvcompress.protocol import PoolBooksError
-from vllm_kvcompress.scheduler.pool import HeadBlockPool
+from vllm_kvcompress.scheduler.pool import HeadBlockPool, NoRoomToCopy
 
 L, H, BS = 2, 2, 4
 
@@ -76,4 +77,50 @@ def test_reset_only_drops_idle_entries():
     pool.free("b")
     pool.clear_prefix_cache()
     assert sorted(pool.prefix.ids) == ["x", "y"]
+    pool.check_books()
+
+
+def test_copy_on_compress_leaves_the_cached_blocks_to_the_cache():
+    pool = HeadBlockPool(64, L, H, BS)
+    prompt(pool, "a", ["x", "y"], 9)
+    prompt(pool, "b", ["x", "z"], 9)  # shares x
+    sources, copies = pool.prepare_compression("a")
+    a_ids = pool.tables["a"].table[:, :, :2].copy()
+    assert sorted(sources.tolist()) == sorted(a_ids.reshape(-1).tolist())
+    assert not np.isin(copies, pool.prefix.cached.nonzero()[0]).any()
+    pool.check_books()  # copies reserved, not yet in the table
+    pool.finish_copies("a")
+    table = pool.tables["a"]
+    assert not pool.prefix.cached[table.held_ids()].any()
+    assert pool.prefix.holders == {"x": 1, "y": 0, "z": 1}  # y idle, still cached
+    pool.register_prefix("a", ["x", "y", "w"], 12)  # compressed: never cached again
+    assert "w" not in pool.prefix.ids
+    pool.shrink("a", np.full((L, H), 2))  # in place, on its own blocks
+    pool.check_books()
+    pool.free("a")
+    pool.free("b")
+    assert pool.num_free == pool.num_head_blocks
+    pool.check_books()
+
+
+def test_without_room_only_shared_blocks_are_copied():
+    pool = HeadBlockPool(6 * L * H, L, H, BS)
+    prompt(pool, "a", ["x", "y"], 9)  # 3 blocks per head, x and y cached
+    prompt(pool, "b", ["x", "z"], 9)  # hits x, 2 more per head: 1 left
+    sources, copies = pool.prepare_compression("a")  # no room for 2 copies
+    assert "y" not in pool.prefix.ids  # only a held it: now a's own
+    assert len(sources) == L * H  # x, shared with b, is copied
+    pool.finish_copies("a")
+    assert pool.prefix.holders == {"x": 1, "z": 1}
+    pool.check_books()
+
+
+def test_a_compression_waits_when_shared_blocks_cannot_be_copied():
+    pool = HeadBlockPool(5 * L * H, L, H, BS)
+    prompt(pool, "a", ["x", "y"], 9)
+    prompt(pool, "b", ["x", "z"], 9)  # the pool is full
+    holders = dict(pool.prefix.holders)
+    with pytest.raises(NoRoomToCopy):
+        pool.prepare_compression("a")
+    assert pool.prefix.holders == holders and "y" in pool.prefix.ids
     pool.check_books()

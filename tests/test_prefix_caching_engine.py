@@ -33,22 +33,35 @@ def test_rate_1_hits_and_answers_as_stock(tiny_llama, tmp_path):
     assert plugin["final"]["held"] == 0
 
 
-def test_compressed_requests_do_not_share_and_the_cache_gives_way(tiny_llama, tmp_path):
-    """On an engine at rate 8, requests sent at rate 1 share and the others
-    (compressed) neither hit nor add cached blocks. The pool is small, so
-    idle cached blocks are reclaimed for new work; the books (checked every
-    step) balance with shared ids."""
-    rate_1 = {"kv_compress_rate": 1}
+def test_compressed_requests_share_and_copy_before_compressing(tiny_llama, tmp_path):
+    """An engine at rate 8 with prefix caching on and a small pool: later
+    turns hit the cached prefix; a request compresses only after copying
+    the cached blocks other requests share (the bytes of every cached
+    head-block are checked unchanged after every step) and never caches
+    compressed blocks; idle cached blocks are reclaimed for new work; the
+    books, with shared ids, balance after every step."""
     spec = {"model": tiny_llama, "prompts": chat_prompts(tiny_llama), "max_tokens": 60,
-            "waves": WAVES, "extra_args": [rate_1, None] * 3,
+            "waves": WAVES, "watch_cached": True,
             "engine": {**BASE, "kv_compress_rate": 8, "kv_compress_debug": True,
-                       "num_gpu_blocks_override": 40, "max_model_len": 1200}}
-    result = run_engine_job(spec, tmp_path, "pc-mixed")
+                       "num_gpu_blocks_override": 50, "max_model_len": 1200}}
+    result = run_engine_job(spec, tmp_path, "pc-rate-8")
     hits = result["prefix_hits"]
-    assert hits["2"] > 0 and hits["4"] > 0  # rate 1, after a rate-1 turn
-    assert hits["1"] == hits["3"] == hits["5"] == 0  # compressed requests
+    # The pool is tight: the system prompt is hit by wave 2; by wave 3 the
+    # copies made for compressions have pushed the idle cache out.
+    assert hits["0"] == 0 and all(hits[i] >= 576 for i in "123"), hits
+    assert result["cached_blocks_watched"] > 0
     assert result["evicted"] > 0
     cached = [step["cached"] for step in result["trace"]]
     assert any(b < a for a, b in zip(cached, cached[1:])), "no cached block was reclaimed"
     assert all(len(out) == 60 for out in result["outputs"].values())
     assert result["final"]["held"] == 0
+
+
+def test_with_room_every_turn_hits_the_earlier_turns(tiny_llama, tmp_path):
+    """The same chats with a pool that holds them: every later request hits
+    its whole cached history, compressed or not."""
+    spec = {"model": tiny_llama, "prompts": chat_prompts(tiny_llama), "max_tokens": 24,
+            "waves": WAVES,
+            "engine": {**BASE, "kv_compress_rate": 8, "kv_compress_debug": True}}
+    hits = run_engine_job(spec, tmp_path, "pc-roomy")["prefix_hits"]
+    assert hits == {"0": 0, "1": 576, "2": 672, "3": 672, "4": 864, "5": 576}

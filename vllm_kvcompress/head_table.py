@@ -99,3 +99,14 @@ class HeadTable:
         heads = np.arange(self.lens.shape[1])[None, None, :]
         blocks = self.table[layers, heads, block_index].astype(np.int64)
         return blocks * self.block_size + logical % self.block_size
+
+
+def replace_ids(table: np.ndarray, sources: np.ndarray, copies: np.ndarray) -> None:
+    """In place on a contiguous table: every id of ``sources`` becomes its
+    copy (ids are unique within a request, so this is a per-id map)."""
+    flat = table.reshape(-1)
+    if not np.shares_memory(flat, table):
+        raise ValueError("replace_ids needs a contiguous table")
+    hit = np.isin(flat, sources)
+    order = np.argsort(sources)
+    flat[hit] = copies[order][np.searchsorted(sources[order], flat[hit])]

@@ -64,12 +64,16 @@ class CompressOrder:
     after_prompt: the prompt was completed in this step (first compression).
     target_tokens: the length the kept target is measured on: ``num_tokens``,
         or the whole prompt's when cascading between prompt chunks.
+    copies: (source ids, copy ids) of cached blocks other requests share:
+        the worker copies each into the request's own block first
+        (copy-on-compress), so compaction never writes a shared block.
     """
 
     settings: object
     num_tokens: int
     after_prompt: bool
     target_tokens: int
+    copies: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass

@@ -88,6 +88,13 @@ class Compressor:
         # every rank splits its budget over layers as one engine would.
         self.sum_over_ranks = sum_over_ranks
 
+    def copy_blocks(self, sources: torch.Tensor, copies: torch.Tensor) -> None:
+        """Copy whole head-blocks (K, V, metric, position): copy-on-compress
+        of blocks the prefix cache shares with other requests."""
+        self.pool.kv[copies] = self.pool.kv[sources]
+        self.slot_metric[copies] = self.slot_metric[sources]
+        self.slot_position[copies] = self.slot_position[sources]
+
     def compress(self, table: HeadTable, window: ObservationWindow, order) -> int:
         """Evict and compact in place; returns the number of KVs evicted."""
         settings = order.settings

@@ -31,13 +31,11 @@ class NoTokenBlocks(KVCacheBlocks):
 class HeadBlockKVCacheManager:
     def __init__(self, stock_manager: Any, pool: HeadBlockPool,
                  peak_head_blocks: Callable[[Any], int],
-                 on_free: Callable[[str], None] = lambda req_id: None,
-                 shares_prefix: Callable[[Any], bool] = lambda request: False):
+                 on_free: Callable[[str], None] = lambda req_id: None):
         self._stock = stock_manager
         self.pool = pool
-        # Whether a request may use and feed the prefix cache (prefix caching
-        # on, and the request is never compressed).
-        self._shares_prefix = shares_prefix
+        # vLLM built its manager with prefix caching on or off; so do we.
+        self._prefix_caching = bool(stock_manager.enable_caching)
         # Head-blocks a request holds at its peak (vLLM admits a new request
         # only if that fits; with cascading it is less than the prompt).
         self._peak_head_blocks = peak_head_blocks
@@ -98,7 +96,7 @@ class HeadBlockKVCacheManager:
             self.pool.attach_prefix(req_id, hits)
         if not self.pool.grow(req_id, target):
             raise PoolBooksError(f"{req_id} did not fit after the room check")
-        if self._shares_prefix(request):
+        if self._prefix_caching:
             self.pool.register_prefix(req_id, request.block_hashes,
                                       min(target, request.num_tokens))
         return self._granted
@@ -107,8 +105,7 @@ class HeadBlockKVCacheManager:
     def get_computed_blocks(self, request):
         """The longest cached prefix of ``request``'s full blocks (at most
         all but its last token, which must be computed for its logits)."""
-        if not (self._shares_prefix(request)
-                and self._stock.prefix_cache_lookup_enabled(request)):
+        if not self._stock.prefix_cache_lookup_enabled(request):
             return self._stock.empty_kv_cache_blocks, 0, 0
         max_blocks = (request.num_tokens - 1) // self.pool.block_size
         hits = self.pool.prefix.longest_hit(request.block_hashes, max_blocks)

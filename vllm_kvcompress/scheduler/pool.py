@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..head_table import HeadTable
+from ..head_table import HeadTable, replace_ids
 from ..protocol import BlockGrant, PoolBooksError
 from .prefix_cache import PrefixCache
+
+
+class NoRoomToCopy(RuntimeError):
+    """A compression must wait: its shared blocks cannot be copied yet."""
 
 
 class HeadBlockPool:
@@ -44,6 +48,9 @@ class HeadBlockPool:
                       + (np.arange(num_ranks, dtype=np.int32) * self.blocks_per_rank)[:, None])
         self._stacked = np.full(num_ranks, self.blocks_per_rank, dtype=np.int64)
         self.prefix = PrefixCache(num_head_blocks)
+        # Copy-on-compress in flight: request -> (entries, source ids, copies).
+        self._copying: dict[str, tuple[list, np.ndarray, np.ndarray]] = {}
+        self._compressed: set[str] = set()  # never cached again
         self.peak_held = 0  # high-water mark of held head-blocks
         self.tables: dict[str, HeadTable] = {}
         self._tokens: dict[str, int] = {}
@@ -177,6 +184,10 @@ class HeadBlockPool:
         self._tokens.pop(req_id, None)
         self._grants.pop(req_id, None)
         self.prefix.release(req_id)
+        self._compressed.discard(req_id)
+        copying = self._copying.pop(req_id, None)
+        if copying is not None:  # copies reserved, never applied
+            self._release(copying[2])
         if table is None:
             return 0
         ids = table.held_ids()
@@ -206,7 +217,10 @@ class HeadBlockPool:
 
     def register_prefix(self, req_id: str, hashes: list, num_tokens: int) -> None:
         """Cache ``req_id``'s full blocks among its first ``num_tokens``
-        tokens (uncompressed: every head holds block j at column j)."""
+        tokens (uncompressed: every head holds block j at column j); never
+        once it was ordered to compress."""
+        if req_id in self._compressed:
+            return
         table = self.tables[req_id]
         first = len(self.prefix.held.get(req_id, ()))
         for j in range(first, min(num_tokens // self.block_size, len(hashes))):
@@ -214,6 +228,47 @@ class HeadBlockPool:
                 # Same tokens cached by another request: later blocks chain
                 # on this hash, so stop (vLLM keeps the first copy too).
                 break
+
+    def prepare_compression(self, req_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Before ``req_id`` compresses: no cached block may change. Its
+        cached blocks get copies of its own, so they stay cached for later
+        requests (copy-on-compress); when a rank lacks room for that, the
+        entries only it holds are uncached instead (its own now) and only
+        those other requests share are copied. Returns (source ids, copy
+        ids) for the worker, or None; raises ``NoRoomToCopy`` (changing
+        nothing) when even the shared ones do not fit."""
+        hashes = self.prefix.held.get(req_id, [])
+        if not self._fits(len(hashes)):
+            alone = [h for h in hashes if self.prefix.holders[h] == 1]
+            if not self._fits(len(hashes) - len(alone)):
+                raise NoRoomToCopy(req_id)
+            self.prefix.uncache(req_id, alone)
+            hashes = self.prefix.held.get(req_id, [])
+        self._compressed.add(req_id)
+        if not hashes:
+            return None
+        counts = np.full((self.num_layers, self.num_kv_heads), len(hashes))
+        sources = np.stack([self.prefix.ids[h] for h in hashes])  # [k, L, H]
+        sources = np.ascontiguousarray(sources.transpose(1, 2, 0)).reshape(-1)
+        copies = self._take(counts, np.full(self.num_ranks,
+                                            len(hashes) * self._entry_blocks_per_rank))
+        self.peak_held = max(self.peak_held, self.num_held)
+        self._copying[req_id] = (list(hashes), sources, copies)
+        return sources, copies
+
+    def _fits(self, num_entries: int) -> bool:
+        """Whether every rank has room for ``num_entries`` entries' copies."""
+        return bool((num_entries * self._entry_blocks_per_rank <= self.free_by_rank).all())
+
+    def finish_copies(self, req_id: str) -> None:
+        """The worker copied ``req_id``'s shared blocks: its table now names
+        the copies, and it no longer holds the shared entries."""
+        copying = self._copying.pop(req_id, None)
+        if copying is None:
+            return
+        shared, sources, copies = copying
+        replace_ids(self.tables[req_id].table, sources, copies)
+        self.prefix.let_go(req_id, shared)
 
     def _record_grant(
         self, req_id: str, fresh: bool, counts: np.ndarray, ids: np.ndarray,
@@ -239,6 +294,7 @@ class HeadBlockPool:
         held = [t.held_ids() for t in self.tables.values()]
         held_ids = np.concatenate(held) if held else np.zeros(0, np.int32)
         held_ids = held_ids[~self.prefix.cached[held_ids]]
+        held_ids = np.concatenate([held_ids, *(c[2] for c in self._copying.values())])
         cached_ids = np.flatnonzero(self.prefix.cached).astype(np.int32)
         free_ids = np.concatenate([self._free[rank, : self._stacked[rank]]
                                    for rank in range(self.num_ranks)] + [cached_ids])

@@ -69,6 +69,22 @@ class PrefixCache:
             if self.holders[block_hash] == 0:
                 self.idle[block_hash] = None
 
+    def let_go(self, req_id: str, hashes: Sequence[Hashable]) -> None:
+        """``req_id`` stops holding ``hashes`` (it copied them away)."""
+        gone = set(hashes)
+        self.held[req_id] = [h for h in self.held.get(req_id, []) if h not in gone]
+        for block_hash in hashes:
+            self.holders[block_hash] -= 1
+            if self.holders[block_hash] == 0:
+                self.idle[block_hash] = None
+
+    def uncache(self, req_id: str, hashes: Sequence[Hashable]) -> None:
+        """Forget entries only ``req_id`` holds: their ids become its own."""
+        self.let_go(req_id, hashes)
+        for block_hash in hashes:
+            del self.idle[block_hash], self.holders[block_hash]
+            self.cached[self.ids.pop(block_hash)] = False
+
     def reclaim(self, count: int) -> np.ndarray:
         """Drop the ``count`` least recently released idle entries; their ids."""
         dropped = []

@@ -20,7 +20,7 @@ from ..protocol import (
 )
 from ..serving.stats import PATH_KEY, CompressionStats, StatsBoard
 from .kv_cache_manager import HeadBlockKVCacheManager
-from .pool import HeadBlockPool
+from .pool import HeadBlockPool, NoRoomToCopy
 from .triggers import CompressionTriggers
 
 logger = init_logger(f"vllm.{__name__}")
@@ -38,9 +38,7 @@ class KVCompressScheduler(Scheduler):
             **vars(pool_shape(kv_cache_config).over_ranks(tp_size)))
         self.kv_cache_manager = HeadBlockKVCacheManager(
             self.kv_cache_manager, self.head_pool, self.peak_head_blocks,
-            on_free=lambda req_id: self.triggers.forget(req_id),
-            shares_prefix=self._shares_prefix)
-        self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
+            on_free=lambda req_id: self.triggers.forget(req_id))
         self.chunk_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.request_settings: dict[str, KVCompressConfig] = {}
         # Refused at arrival (they could never fit the pool); their error
@@ -79,15 +77,6 @@ class KVCompressScheduler(Scheduler):
                 self.head_pool.num_head_blocks)
             self._refused.extend(
                 self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR))
-
-    def _shares_prefix(self, request) -> bool:
-        """Prefix caching serves only requests that are never compressed:
-        compressing a block that other requests share needs copy-on-compress,
-        which is not built yet."""
-        if not self.prefix_caching:
-            return False
-        settings = self.request_settings.get(request.request_id, self.kv_compress)
-        return not settings.evicts
 
     def peak_head_blocks(self, request) -> int:
         """Head-blocks ``request`` holds at most while its prompt is read: all
@@ -134,11 +123,18 @@ class KVCompressScheduler(Scheduler):
             settings = self.request_settings.get(req_id)
             if settings is None:
                 continue
+            last = self.triggers.last_compressed.get(req_id)
             order = self.triggers.order(
                 req_id, settings, pool.tables[req_id].lens,
                 request.num_computed_tokens, request.num_tokens, running_dry)
-            if order is not None:
-                orders[req_id] = order
+            if order is None:
+                continue
+            try:
+                order.copies = pool.prepare_compression(req_id)
+            except NoRoomToCopy:
+                self.triggers.postpone(req_id, last)
+                continue
+            orders[req_id] = order
         self.stats.low_memory_compressions = self.triggers.low_memory_orders
         return orders
 
@@ -149,6 +145,7 @@ class KVCompressScheduler(Scheduler):
             for req_id, new_lens in reply.new_lens.items():
                 if req_id not in self.head_pool.tables:
                     continue  # aborted while the worker compressed it
+                self.head_pool.finish_copies(req_id)
                 self.head_pool.shrink(req_id, new_lens)
                 self.stats.compressed(req_id, orders[req_id].num_tokens, new_lens,
                                       reply.evicted[req_id])

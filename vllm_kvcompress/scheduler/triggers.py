@@ -47,6 +47,14 @@ class CompressionTriggers:
         """The request gave its memory back (finished, aborted, preempted)."""
         self.last_compressed.pop(req_id, None)
 
+    def postpone(self, req_id: str, last: int | None) -> None:
+        """The order just given cannot run this step (its shared blocks
+        cannot be copied yet): it stays due."""
+        if last is None:
+            self.last_compressed.pop(req_id, None)
+        else:
+            self.last_compressed[req_id] = last
+
     def order(self, req_id: str, settings, lens: np.ndarray, num_computed: int,
               num_tokens: int, running_dry: bool) -> CompressOrder | None:
         """Whether ``req_id`` compresses after this step, whose tokens bring

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..head_table import HeadTable
+from ..head_table import HeadTable, replace_ids
 from ..protocol import BlockGrant, PoolBooksError
 from ..ragged import token_rows
 
@@ -189,6 +189,13 @@ class BatchHeadTables:
             self.lens[:, row].numpy().astype(np.int64),
             self.block_size,
         )
+
+    def replace_ids(self, req_id: str, sources: np.ndarray, copies: np.ndarray) -> None:
+        """Point ``req_id``'s tables at the copies of shared blocks."""
+        row = self.row_of[req_id]
+        table = self.table[:, row].numpy().copy()
+        replace_ids(table, sources, copies)
+        self.table[:, row] = torch.from_numpy(table)
 
     def store_lengths(self, req_id: str, table: HeadTable) -> None:
         """Write back a request's lengths after compaction shrank them (its

@@ -67,6 +67,15 @@ class RankSlice:
             for req_id, request_grants in grants.items()
         }
 
+    def local_copies(self, copies: tuple[np.ndarray, np.ndarray]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The (source, copy) id pairs of this rank's heads, ids made local."""
+        sources, targets = copies
+        if self.num_ranks == 1:
+            return sources, targets
+        mine = sources // self.num_head_blocks == self.rank
+        return sources[mine] - self.first_id, targets[mine] - self.first_id
+
     def local_books(self, books: HeadBooks) -> HeadBooks:
         """The scheduler's books of one request, for this rank's heads."""
         if self.num_ranks == 1:

@@ -132,6 +132,11 @@ class HeadPagedRunnerMixin:
         started = time.perf_counter()
         reply = CompressReply()
         for req_id, order in step.compress.items():
+            if order.copies is not None:  # copy-on-compress, before any change
+                sources, copies = self.rank_slice.local_copies(order.copies)
+                self.compressor.copy_blocks(torch.from_numpy(sources.astype(np.int64)),
+                                            torch.from_numpy(copies.astype(np.int64)))
+                self.batch_tables.replace_ids(req_id, sources, copies)
             table = self.batch_tables.snapshot(req_id)
             window = self.windows.window(req_id)
             if window is None:

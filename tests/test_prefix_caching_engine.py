@@ -65,3 +65,48 @@ def test_with_room_every_turn_hits_the_earlier_turns(tiny_llama, tmp_path):
             "engine": {**BASE, "kv_compress_rate": 8, "kv_compress_debug": True}}
     hits = run_engine_job(spec, tmp_path, "pc-roomy")["prefix_hits"]
     assert hits == {"0": 0, "1": 576, "2": 672, "3": 672, "4": 864, "5": 576}
+
+
+def test_abort_and_preemption_of_sharing_requests_leak_nothing(tiny_llama, tmp_path):
+    """Requests that share cached blocks are preempted (the pool is tight)
+    and two are aborted mid-generation; the books, holder counts and
+    reserved copies balance after every step, cached bytes never change,
+    and at idle every head-block is free or idle in the cache."""
+    prompts = chat_prompts(tiny_llama)
+    spec = {"model": tiny_llama, "prompts": prompts + prompts[:2], "max_tokens": 400,
+            "watch_cached": True, "abort_at_step": 20, "abort": [1, 6],
+            "extra_args": [{"kv_compress_rate": 1}] * 6 + [None] * 2,
+            "engine": {**BASE, "kv_compress_rate": 8, "kv_compress_debug": True,
+                       "num_gpu_blocks_override": 70, "max_model_len": 1500}}
+    result = run_engine_job(spec, tmp_path, "pc-pressure")
+    assert result["preemptions"] > 0
+    assert sum(result["prefix_hits"].values()) > 0
+    before, after = result["held_around_abort"]
+    assert before > after
+    assert sorted(result["outputs"]) == ["0", "2", "3", "4", "5", "7"]
+    assert result["final"]["held"] == 0 and result["final"]["tables"] == []
+
+
+def test_served_prefix_cache_metrics(tiny_llama, tmp_path):
+    """``vllm serve --kv-compress-rate 8`` with vLLM's default prefix
+    caching: the second request with the same long prefix is a hit on
+    vLLM's own ``vllm:prefix_cache_*`` counters, and the cached head-blocks
+    show on ``vllm:kv_compress_head_blocks_cached``."""
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    from server_util import metric, vllm_server, wait_idle
+
+    system = AutoTokenizer.from_pretrained(tiny_llama).decode(
+        mixed_prompts(tiny_llama, [700], seed=9)[0])
+    args = ["--kv-compress-rate", "8", "--kv-compress-debug", "--max-model-len", "2048",
+            "--enforce-eager", "--block-size", "32"]
+    with vllm_server(tiny_llama, args, tmp_path / "server.log") as base:
+        client = OpenAI(base_url=base + "/v1", api_key="unused")
+        for question in (" First question?", " Second question?"):
+            client.completions.create(model=tiny_llama, prompt=system + question,
+                                      max_tokens=8, temperature=0)
+        assert wait_idle(base) == 0
+        assert metric(base, "vllm:prefix_cache_hits_total") >= 640
+        assert metric(base, "vllm:prefix_cache_queries_total") >= 1400
+        assert metric(base, "vllm:kv_compress_head_blocks_cached") > 0

@@ -31,8 +31,13 @@ class NoTokenBlocks(KVCacheBlocks):
 class HeadBlockKVCacheManager:
     def __init__(self, stock_manager: Any, pool: HeadBlockPool,
                  peak_head_blocks: Callable[[Any], int],
-                 on_free: Callable[[str], None] = lambda req_id: None):
+                 on_free: Callable[[str], None] = lambda req_id: None,
+                 recomputed_tail: Callable[[Any], int] = lambda request: 1):
         self._stock = stock_manager
+        # Prompt tokens a request computes even on a full prefix hit: its
+        # last (for the logits), or its whole observation window when it
+        # will be compressed (the window's queries score the KVs).
+        self._recomputed_tail = recomputed_tail
         self.pool = pool
         # vLLM built its manager with prefix caching on or off; so do we.
         self._prefix_caching = bool(stock_manager.enable_caching)
@@ -103,11 +108,12 @@ class HeadBlockKVCacheManager:
 
     # ------------------------------------------------------------ prefixes
     def get_computed_blocks(self, request):
-        """The longest cached prefix of ``request``'s full blocks (at most
-        all but its last token, which must be computed for its logits)."""
+        """The longest cached prefix of ``request``'s full blocks, leaving
+        at least its recomputed tail to compute."""
         if not self._stock.prefix_cache_lookup_enabled(request):
             return self._stock.empty_kv_cache_blocks, 0, 0
-        max_blocks = (request.num_tokens - 1) // self.pool.block_size
+        tail = max(self._recomputed_tail(request), 1)
+        max_blocks = max(request.num_tokens - tail, 0) // self.pool.block_size
         hits = self.pool.prefix.longest_hit(request.block_hashes, max_blocks)
         return self._granted, len(hits) * self.pool.block_size, 0
 

@@ -38,7 +38,8 @@ class KVCompressScheduler(Scheduler):
             **vars(pool_shape(kv_cache_config).over_ranks(tp_size)))
         self.kv_cache_manager = HeadBlockKVCacheManager(
             self.kv_cache_manager, self.head_pool, self.peak_head_blocks,
-            on_free=lambda req_id: self.triggers.forget(req_id))
+            on_free=lambda req_id: self.triggers.forget(req_id),
+            recomputed_tail=self._recomputed_tail)
         self.chunk_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.request_settings: dict[str, KVCompressConfig] = {}
         # Refused at arrival (they could never fit the pool); their error
@@ -77,6 +78,10 @@ class KVCompressScheduler(Scheduler):
                 self.head_pool.num_head_blocks)
             self._refused.extend(
                 self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR))
+
+    def _recomputed_tail(self, request) -> int:
+        settings = self.request_settings.get(request.request_id, self.kv_compress)
+        return settings.window if settings.evicts else 1
 
     def peak_head_blocks(self, request) -> int:
         """Head-blocks ``request`` holds at most while its prompt is read: all

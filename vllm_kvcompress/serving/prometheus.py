@@ -22,6 +22,9 @@ GAUGES = {
     "head_blocks_free_lowest_rank": (
         "Free head-blocks of the tensor-parallel rank with the fewest; a "
         "request is admitted only when every rank has room."),
+    "head_blocks_cached": (
+        "Head-blocks of cached prompt blocks (prefix caching), held by "
+        "requests or idle; idle ones count as free."),
 }
 COUNTERS = {
     "kvs_evicted": ("kvs_evicted", "KVs evicted, over all layers and KV heads."),

@@ -64,9 +64,9 @@ class CompressOrder:
     after_prompt: the prompt was completed in this step (first compression).
     target_tokens: the length the kept target is measured on: ``num_tokens``,
         or the whole prompt's when cascading between prompt chunks.
-    copies: (source ids, copy ids) of cached blocks other requests share:
-        the worker copies each into the request's own block first
-        (copy-on-compress), so compaction never writes a shared block.
+    copies: (source ids, copy ids) of the prefix-cached blocks the request
+        holds: the worker copies each into a block of the request's own
+        first (copy-on-compress), so compaction never writes a cached block.
     """
 
     settings: object

@@ -91,11 +91,7 @@ class HeadBlockKVCacheManager:
                 return None
         target = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
         hits = self._hit_hashes(request, num_new_computed_tokens)
-        need = self.pool.blocks_to_grow(req_id, target) - (
-            len(hits) * self.pool.num_layers * self.pool.heads_per_rank)
-        # Idle cached blocks the request is about to hold count as free now.
-        need += self._idle_blocks_per_rank(hits)
-        if (need > free).any():
+        if (self.pool.blocks_to_grow(req_id, target, hits) > free).any():
             return None
         if hits:
             self.pool.attach_prefix(req_id, hits)
@@ -125,10 +121,6 @@ class HeadBlockKVCacheManager:
                 f"{num_new_computed_tokens} cached tokens for {request.request_id} "
                 "are not a prefix hit of whole blocks on a new request")
         return list(request.block_hashes[: num_new_computed_tokens // self.pool.block_size])
-
-    def _idle_blocks_per_rank(self, hits: list) -> int:
-        idle = sum(1 for h in hits if h in self.pool.prefix.idle)
-        return idle * self.pool.num_layers * self.pool.heads_per_rank
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix, as vLLM does: only when no request

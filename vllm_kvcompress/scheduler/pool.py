@@ -64,10 +64,11 @@ class HeadBlockPool:
     @property
     def free_by_rank(self) -> np.ndarray:
         """Free head-blocks of each rank, cached ones nobody holds included."""
-        return self._stacked + len(self.prefix.idle) * self._entry_blocks_per_rank
+        return self._stacked + len(self.prefix.idle) * self.entry_blocks_per_rank
 
     @property
-    def _entry_blocks_per_rank(self) -> int:
+    def entry_blocks_per_rank(self) -> int:
+        """Head-blocks one token block (a cache entry) takes on each rank."""
         return self.num_layers * self.heads_per_rank
 
     @property
@@ -100,13 +101,16 @@ class HeadBlockPool:
             return np.zeros(self.num_ranks, dtype=np.int64)
         return self.by_rank(table.nblocks)
 
-    def blocks_to_grow(self, req_id: str, num_tokens: int) -> np.ndarray:
+    def blocks_to_grow(self, req_id: str, num_tokens: int, hits: list = ()) -> np.ndarray:
         """Head-blocks ``req_id`` still needs on each rank to hold
-        ``num_tokens`` tokens."""
+        ``num_tokens`` tokens; for a new request starting with the cached
+        blocks ``hits``, those idle in the cache count too (they stop being
+        free once held)."""
         table = self.tables.get(req_id)
         if table is None:
-            per_head = -(-num_tokens // self.block_size)
-            return np.full(self.num_ranks, per_head * self.num_layers * self.heads_per_rank,
+            per_head = -(-num_tokens // self.block_size) - len(hits)
+            idle = sum(1 for h in hits if h in self.prefix.idle)
+            return np.full(self.num_ranks, (per_head + idle) * self.entry_blocks_per_rank,
                            dtype=np.int64)
         new_tokens = max(num_tokens - self._tokens[req_id], 0)
         return self.by_rank(table.blocks_short(new_tokens))
@@ -160,7 +164,7 @@ class HeadBlockPool:
         ids in (layer, head) order."""
         short = int((need - self._stacked).max(initial=0))
         if short > 0:  # reclaim cached blocks nobody holds (whole entries)
-            self._release(self.prefix.reclaim(-(-short // self._entry_blocks_per_rank)))
+            self._release(self.prefix.reclaim(-(-short // self.entry_blocks_per_rank)))
         ranks = np.repeat(self._rank_of_head, counts.reshape(-1))
         ids = np.empty(len(ranks), dtype=np.int32)
         for rank in np.flatnonzero(need):
@@ -251,14 +255,14 @@ class HeadBlockPool:
         sources = np.stack([self.prefix.ids[h] for h in hashes])  # [k, L, H]
         sources = np.ascontiguousarray(sources.transpose(1, 2, 0)).reshape(-1)
         copies = self._take(counts, np.full(self.num_ranks,
-                                            len(hashes) * self._entry_blocks_per_rank))
+                                            len(hashes) * self.entry_blocks_per_rank))
         self.peak_held = max(self.peak_held, self.num_held)
         self._copying[req_id] = (list(hashes), sources, copies)
         return sources, copies
 
     def _fits(self, num_entries: int) -> bool:
         """Whether every rank has room for ``num_entries`` entries' copies."""
-        return bool((num_entries * self._entry_blocks_per_rank <= self.free_by_rank).all())
+        return bool((num_entries * self.entry_blocks_per_rank <= self.free_by_rank).all())
 
     def finish_copies(self, req_id: str) -> None:
         """The worker copied ``req_id``'s shared blocks: its table now names

@@ -121,6 +121,7 @@ def run(spec: dict) -> dict:
     if pool is not None:
         result["evicted"] = scheduler.stats.kvs_evicted
         result["low_memory_compressions"] = scheduler.stats.low_memory_compressions
+        result["reconstruction_tokens"] = scheduler.stats.reconstruction_tokens
         result["stats_live_requests"] = scheduler.stats.live_requests
         result["final"] = {
             "held": pool.num_held,

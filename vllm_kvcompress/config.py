@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Mapping
 
-POLICIES = ("kvcompress", "cake", "adakv", "snapkv", "pyramidkv", "streamingllm",
-            "random")
+POLICIES = ("kvcompress", "cake", "adakv", "kvzip", "snapkv", "pyramidkv",
+            "streamingllm", "random")
 
 
 class KVCompressConfigError(ValueError):
@@ -124,7 +124,9 @@ SETTINGS = (
             "squared attention of recent queries, blocks ranked across all "
             "layers and heads; cake: per-layer budgets from attention "
             "entropy and variance, then that ranking within each layer; "
-            "adakv: equal layer budgets, that ranking within each layer)."),
+            "adakv: equal layer budgets, that ranking within each layer; "
+            "kvzip: scores from a pass that makes the model repeat the "
+            "context, query-agnostic, costs about one more prefill)."),
     Setting("kv_compress_head_floor", parse_fraction, True,
             "kvcompress only: every KV head keeps at least this fraction of the "
             "request's average per-head budget (default 0: no floor, as in "
@@ -140,6 +142,9 @@ SETTINGS = (
             "cake only: weight of the attention variance in each KV's "
             "eviction score, mean + gamma * variance (a number >= 0, "
             "default 200)."),
+    Setting("kv_compress_kvzip_chunk", _int_parser(16), False,
+            "kvzip only: context tokens per reconstruction forward; bounds "
+            "the pass's extra memory (default 512)."),
     Setting("kv_compress_protected_window", _int_parser(0), True,
             "The most recent tokens whose KVs are never evicted (default 32)."),
     Setting("kv_compress_sinks", _int_parser(0), True,
@@ -176,6 +181,7 @@ class KVCompressConfig:
     cake_tau1: float = 1.0
     cake_tau2: float = 1.0
     cake_gamma: float = 200.0
+    kvzip_chunk: int = 512
     protected_window: int = 32
     sinks: int = 0
     window: int = 32

@@ -83,6 +83,9 @@ class CompressReply:
     new_lens: dict[str, np.ndarray] = field(default_factory=dict)
     evicted: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0  # worker time spent on this step's compressions
+    # Of that, the kvzip reconstruction passes, and the tokens they fed.
+    reconstruction_seconds: float = 0.0
+    reconstruction_tokens: int = 0
 
 
 # Attribute name on ModelRunnerOutput.

@@ -18,6 +18,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     _get_attn_isa,
 )
 
+from ..compression.reconstruction import ReconstructionMetadata
 from .builder import HeadPagedMetadataBuilder
 from .ops import make_ops
 from .pool_view import HeadBlockCache
@@ -67,6 +68,9 @@ class HeadPagedImpl(CPUAttentionBackendImpl):
             raise NotImplementedError("fused output quantization is not supported")
         if attn_metadata is None:  # profiling / warm-up / compile run
             return output.fill_(0)
+        if isinstance(attn_metadata, ReconstructionMetadata):  # kvzip scoring
+            attn_metadata.attend(layer.layer_name, query, key, value, output)
+            return output
         layer_index = attn_metadata.layer_index[layer.layer_name]
         if attn_metadata.capture is not None:
             attn_metadata.capture.take(layer_index, query)

@@ -95,8 +95,12 @@ class Compressor:
         self.slot_metric[copies] = self.slot_metric[sources]
         self.slot_position[copies] = self.slot_position[sources]
 
-    def compress(self, table: HeadTable, window: ObservationWindow, order) -> int:
-        """Evict and compact in place; returns the number of KVs evicted."""
+    def compress(self, table: HeadTable, window: ObservationWindow, order,
+                 reconstruct=None) -> int:
+        """Evict and compact in place; returns the number of KVs evicted.
+
+        ``reconstruct(table, slots)`` scores the KVs at ``slots`` [L, H, M]
+        for the "reconstruction" metric (the worker's kvzip pass)."""
         settings = order.settings
         policy = POLICIES[settings.policy]
         lens = table.lens.copy()
@@ -111,7 +115,11 @@ class Compressor:
         positions = self.kv_position[slots].numpy()
 
         metric, preference = np.zeros(lens.shape + (width,)), None
-        if policy.metric is not None:
+        if policy.metric == "reconstruction":
+            if reconstruct is None:
+                raise RuntimeError(f"policy {policy.name} needs a reconstruction pass")
+            metric = self._replace_metric(reconstruct(table, slots), slots, in_head)
+        elif policy.metric is not None:
             metric, preference = self._update_metric(policy, table, window, slots,
                                                      lens, order)
         scores = policy.scores(metric, positions, self.rng)
@@ -125,6 +133,14 @@ class Compressor:
                             self.slot_position, self.layout)
         table.truncate(plan.new_lens)
         return int((lens - plan.new_lens).sum())
+
+    def _replace_metric(self, fresh: torch.Tensor, slots: torch.Tensor,
+                        in_head: np.ndarray) -> np.ndarray:
+        """Store ``fresh`` [L, H, M] as the metric of the held KVs (a later
+        compression re-scores every KV, so nothing accumulates)."""
+        held = torch.from_numpy(in_head)
+        self.kv_metric[slots[held]] = fresh[held]
+        return fresh.numpy().astype(np.float64)
 
     def _update_metric(self, policy, table: HeadTable, window: ObservationWindow,
                        slots: torch.Tensor, lens: np.ndarray, order

@@ -16,7 +16,8 @@ class Policy:
     variable: bool
     # The per-KV statistic of the window queries scores come from:
     # "squared" (summed squared attention, KV-Compress/SnapKV), "cake"
-    # (CAKE's mean + gamma * variance), or None (no attention needed).
+    # (CAKE's mean + gamma * variance), "reconstruction" (KVzip: the
+    # worker's reconstruction pass fills it), or None (no attention needed).
     metric: str | None
     # How the request's kept target is split over layers: None (not split:
     # the ranking or the equal count spans all layers), "preference" (CAKE's
@@ -40,6 +41,9 @@ POLICIES = {
     # Ada-KV's split: equal layer quotas, heads of a layer ranked against
     # each other; isolates what kvcompress's cross-layer ranking changes.
     "adakv": Policy("adakv", variable=True, metric="squared", layer_budgets="equal"),
+    # KVzip: query-agnostic scores from re-reading the context, one ranking
+    # across all layers and heads; the first 4 tokens kept as sinks.
+    "kvzip": Policy("kvzip", variable=True, metric="reconstruction", min_sinks=4),
     "snapkv": Policy("snapkv", variable=False, metric="squared"),
     "pyramidkv": Policy("pyramidkv", variable=False, metric="squared",
                         layer_budgets="pyramid"),

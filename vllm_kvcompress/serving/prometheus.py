@@ -34,6 +34,13 @@ COUNTERS = {
         "Compressions run because the pool could not cover one more step."),
     "compress_seconds": ("compression_seconds",
                          "Worker time spent scoring, evicting and compacting."),
+    "reconstruction_seconds": (
+        "reconstruction_seconds",
+        "Of the compression seconds, the kvzip reconstruction passes' (extra "
+        "forwards of the model)."),
+    "reconstruction_tokens": (
+        "reconstruction_tokens",
+        "Tokens the kvzip reconstruction passes fed the model (extra prefill)."),
 }
 
 

@@ -31,6 +31,8 @@ FIELDS = (
     "compressions",
     "low_memory_compressions",
     "compress_seconds",
+    "reconstruction_seconds",
+    "reconstruction_tokens",
     # For the achieved ratio: the KVs compressed requests would hold without
     # compression, and what they held, each counted at its last compression.
     "uncompressed_kvs",
@@ -83,6 +85,8 @@ class CompressionStats:
     compressions: int = 0
     low_memory_compressions: int = 0
     compress_seconds: float = 0.0
+    reconstruction_seconds: float = 0.0  # kvzip's passes (part of the above)
+    reconstruction_tokens: int = 0
     # (uncompressed, kept) KVs of each live request at its last compression.
     _last: dict[str, tuple[int, int]] = field(default_factory=dict)
     _done_uncompressed: int = 0
@@ -124,6 +128,8 @@ class CompressionStats:
             "compressions": self.compressions,
             "low_memory_compressions": self.low_memory_compressions,
             "compress_seconds": self.compress_seconds,
+            "reconstruction_seconds": self.reconstruction_seconds,
+            "reconstruction_tokens": self.reconstruction_tokens,
             "uncompressed_kvs": uncompressed,
             "kept_kvs": kept,
         })

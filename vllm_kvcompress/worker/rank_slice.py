@@ -87,7 +87,7 @@ class RankSlice:
     # ---------------------------------------------------- ranks -> scheduler
     def gather_reply(self, reply: CompressReply) -> CompressReply:
         """Every rank's lengths of the step's compressed requests, heads in
-        rank order, evictions summed and the slowest rank's seconds: what
+        rank order, evictions summed, the slowest rank's seconds: what
         rank 0 sends for all. Every rank compresses the same requests in
         the same order, so the gathered arrays line up."""
         if self.num_ranks == 1:
@@ -96,12 +96,17 @@ class RankSlice:
         mine = torch.from_numpy(np.concatenate(
             [reply.new_lens[r].reshape(-1).astype(np.int64) for r in req_ids]
             + [np.array([reply.evicted[r] for r in req_ids], dtype=np.int64),
-               np.array([round(reply.seconds * 1e6)], dtype=np.int64)]))
+               np.array([round(reply.seconds * 1e6),
+                         round(reply.reconstruction_seconds * 1e6),
+                         reply.reconstruction_tokens], dtype=np.int64)]))
         gathered = [torch.empty_like(mine) for _ in range(self.num_ranks)]
         torch.distributed.all_gather(gathered, mine, group=self.group)
         per_rank = torch.stack(gathered).numpy()  # [ranks, n]
         heads = self.num_layers * self.num_kv_heads
-        whole = CompressReply(seconds=float(per_rank[:, -1].max()) / 1e6)
+        whole = CompressReply(
+            seconds=float(per_rank[:, -3].max()) / 1e6,
+            reconstruction_seconds=float(per_rank[:, -2].max()) / 1e6,
+            reconstruction_tokens=int(per_rank[0, -1]))  # the same on every rank
         for i, req_id in enumerate(req_ids):
             lens = per_rank[:, i * heads:(i + 1) * heads].reshape(
                 self.num_ranks, self.num_layers, self.num_kv_heads)

@@ -19,6 +19,7 @@ import torch
 from ..attention.builder import StepInputs
 from ..attention.pool_view import HeadBlockCache
 from ..compression.compressor import Compressor
+from ..compression.policies import POLICIES
 from ..compression.window import WindowStore
 from ..config import KVCompressConfig
 from ..pool_shape import pool_shape
@@ -28,6 +29,7 @@ from ..protocol import (
 from ..ragged import token_rows
 from .batch_tables import BatchHeadTables, RowFollower
 from .rank_slice import RankSlice
+from .reconstruction import ReconstructionScorer
 
 
 class HeadPagedRunnerMixin:
@@ -76,6 +78,9 @@ class HeadPagedRunnerMixin:
         self.step_inputs = StepInputs(
             pool=self.head_cache, tables=self.batch_tables,
             layer_index={name: i for i, name in enumerate(layer_names)})
+        self.reconstruction = ReconstructionScorer(
+            self, self.head_cache, self.compressor.layout, impl.scale,
+            self.step_inputs.layer_index)
         for name in layer_names:
             context[name].impl.bind_pool(self.head_cache)
         for attn_group in self.attn_groups[0]:
@@ -141,11 +146,31 @@ class HeadPagedRunnerMixin:
             window = self.windows.window(req_id)
             if window is None:
                 raise RuntimeError(f"no observation window for request {req_id}")
-            reply.evicted[req_id] = self.compressor.compress(table, window, order)
+            reconstruct = (self._reconstruction_of(req_id, order, reply)
+                           if POLICIES[order.settings.policy].metric == "reconstruction"
+                           else None)
+            reply.evicted[req_id] = self.compressor.compress(table, window, order,
+                                                             reconstruct)
             self.batch_tables.store_lengths(req_id, table)
             reply.new_lens[req_id] = table.lens.copy()
         reply.seconds = time.perf_counter() - started
         self._reply = self.rank_slice.gather_reply(reply)
+
+    def _reconstruction_of(self, req_id: str, order, reply: CompressReply):
+        """The kvzip pass over the request's tokens so far, as the
+        compressor's ``reconstruct`` hook; its cost goes on ``reply``."""
+        row = self.input_batch.req_id_to_index[req_id]
+        context = self.input_batch.token_ids_cpu[row, : order.num_tokens].copy()
+
+        def reconstruct(table, slots):
+            started = time.perf_counter()
+            scores, fed = self.reconstruction.score(context, table, slots,
+                                                    order.settings.kvzip_chunk)
+            reply.reconstruction_seconds += time.perf_counter() - started
+            reply.reconstruction_tokens += fed
+            return scores
+
+        return reconstruct
 
     def _get_slot_mappings(self, num_tokens_padded, num_reqs_padded,
                            num_tokens_unpadded, ubatch_slices=None):

@@ -1,0 +1,122 @@
+"""Reconstruction scoring (KVzip, arXiv 2505.23416): how much the model
+attends to each cached KV while it re-reads its own context.
+
+After a request's context has been read, the worker feeds the model a short
+"repeat the context" instruction followed by the context itself, chunk by
+chunk (teacher-forced). In every layer the reconstruction's queries attend to
+the request's held KVs plus the reconstruction's own KVs (causal); a held KV's
+score is the largest probability any query of its GQA group gives it. A copy
+of the context needs every KV it reads, so the scores do not depend on a
+question that has not been asked yet.
+
+The reconstruction's KVs are never written to the pool: they exist only as
+the layer's key/value activations, so they never touch the books.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+# The instruction that precedes every chunk, and the words that name where a
+# later chunk starts (followed by that chunk's predecessor's last tokens).
+INSTRUCTION = "\n\nRepeat the previous context exactly."
+CONTINUATION = " Start right after:"
+OVERLAP_TOKENS = 8
+# Positions a chunk's instruction, continuation, overlap and chat suffix may
+# take beyond its context tokens (SmolLM2's template needs 21).
+PROMPT_ROOM = 64
+
+
+def max_context(max_position: int, chunk: int) -> int:
+    """The longest context a reconstruction pass can score: its chunks sit
+    at the positions right after the context, which RoPE must cover."""
+    return max_position - chunk - PROMPT_ROOM
+
+
+def max_position_of(model_config) -> int:
+    """The positions the model's RoPE covers (the model length without one)."""
+    limit = getattr(model_config.hf_config, "max_position_embeddings", None)
+    return limit or model_config.max_model_len
+
+
+def reconstruction_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             held_keys: torch.Tensor, held_values: torch.Tensor,
+                             held: torch.Tensor, scale: float
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a reconstruction chunk, and the best probability of each
+    held KV.
+
+    query [T, H, G, D], key / value [T, H, D] (the chunk's own, causal);
+    held_keys / held_values [H, M, D] with ``held`` [H, M] marking real KVs.
+    One softmax per query over the held KVs and the chunk's visible KVs.
+    Returns the output [T, H, G, D] (query dtype) and the score [H, M]
+    (float32, 0 on padding): max over the T queries and G group heads.
+
+    The probabilities must be materialised (the scores are made of them),
+    so this is batched matmuls over [H, G*T, ...] with an in-place softmax
+    split across the held and own parts: no concatenated copy.
+    """
+    t, h, g, d = query.shape
+    q = query.float().permute(1, 2, 0, 3).reshape(h, g * t, d) * scale
+    on_held = torch.bmm(q, held_keys.float().transpose(1, 2))  # [H, G*T, M]
+    if not bool(held.all()):
+        on_held.masked_fill_(~held[:, None, :], float("-inf"))
+    on_own = torch.bmm(q, key.float().permute(1, 2, 0))  # [H, G*T, T]
+    later = torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1)
+    on_own.masked_fill_(later.repeat(g, 1), float("-inf"))
+    top = torch.maximum(on_held.amax(-1, keepdim=True), on_own.amax(-1, keepdim=True))
+    on_held.sub_(top).exp_()
+    on_own.sub_(top).exp_()
+    total = on_held.sum(-1, keepdim=True) + on_own.sum(-1, keepdim=True)
+    on_held.div_(total)
+    on_own.div_(total)
+    out = (torch.bmm(on_held, held_values.float())
+           + torch.bmm(on_own, value.float().transpose(0, 1)))  # [H, G*T, D]
+    out = out.view(h, g, t, d).permute(2, 0, 1, 3)
+    return out.to(query.dtype), on_held.amax(dim=1)
+
+
+@dataclass
+class ReconstructionMetadata:
+    """What the attention backend needs during one reconstruction chunk, in
+    place of the step's metadata: each layer's held KVs (gathered on demand)
+    and the score buffer every layer maxes its scores into."""
+
+    num_kv_heads: int
+    scale: float
+    layer_index: dict[str, int]
+    # layer -> (keys [H, M, D], values [H, M, D], held [H, M])
+    gather: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    scores: torch.Tensor  # [L, H, M] float32, maxed over chunks
+    capture: None = None  # never a query capture for the windows
+    layer_cache: dict = field(default_factory=dict)
+
+    def attend(self, layer_name: str, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, output: torch.Tensor) -> None:
+        layer = self.layer_index[layer_name]
+        t, h = query.shape[0], self.num_kv_heads
+        keys, values, held = self.gather(layer)
+        out, best = reconstruction_attention(
+            query.view(t, h, -1, keys.shape[-1]), key.view(t, h, -1),
+            value.view(t, h, -1), keys, values, held, self.scale)
+        output.view(t, -1).copy_(out.reshape(t, -1))
+        torch.maximum(self.scores[layer], best, out=self.scores[layer])
+
+
+def reconstruction_chunks(context: list[int], chunk: int, instruction: list[int],
+                          continuation: list[int], suffix: list[int]
+                          ) -> list[list[int]]:
+    """The token ids fed to the model, one list per chunk of ``context``:
+    instruction (+ where to continue: ``continuation`` and the previous
+    chunk's last tokens) + ``suffix`` (the chat template's turn change) + the
+    chunk itself."""
+    inputs = []
+    for start in range(0, len(context), chunk):
+        head = list(instruction)
+        if start:
+            head += continuation + context[max(0, start - OVERLAP_TOKENS):start]
+        inputs.append(head + suffix + context[start:start + chunk])
+    return inputs

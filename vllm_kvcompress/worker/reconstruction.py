@@ -1,0 +1,110 @@
+"""The worker's reconstruction pass (policy ``kvzip``): vLLM's own model run
+over "repeat the context" chunks against one request's head-blocks.
+
+Each chunk is one extra forward of the model the runner already holds
+(compiled, on the runner's device), with ``ReconstructionMetadata`` in place
+of the step's attention metadata and no slot mapping, so attention layers
+score the request's KVs and nothing is written to the pool. With tensor
+parallelism every rank runs the same chunks (the model's collectives need
+it) and scores its own heads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from vllm.forward_context import set_forward_context
+
+from ..attention.pool_view import HeadBlockCache
+from ..compression.reconstruction import (
+    CONTINUATION, INSTRUCTION, OVERLAP_TOKENS, PROMPT_ROOM, ReconstructionMetadata,
+    max_context, max_position_of, reconstruction_chunks,
+)
+from ..head_table import HeadTable
+
+
+def chat_suffix(tokenizer) -> str:
+    """What the chat template puts between a user's words and the
+    assistant's reply ("\\n" without a template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "\n"
+    marker = "\x00MARK\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], add_generation_prompt=True,
+        tokenize=False)
+    return text.split(marker, 1)[1]
+
+
+class ReconstructionScorer:
+    def __init__(self, runner, pool: HeadBlockCache, layout: str, scale: float,
+                 layer_index: dict[str, int]):
+        self.runner = runner
+        self.pool = pool
+        self.layout = layout
+        self.scale = scale
+        self.layer_index = layer_index
+        self._prompt_ids: tuple[list[int], list[int], list[int]] | None = None
+        self.max_position = max_position_of(runner.model_config)
+
+    def prompt_ids(self) -> tuple[list[int], list[int], list[int]]:
+        """Instruction, continuation and chat-suffix ids (tokenized once)."""
+        if self._prompt_ids is None:
+            from transformers import AutoTokenizer
+
+            config = self.runner.model_config
+            tokenizer = AutoTokenizer.from_pretrained(
+                config.tokenizer, trust_remote_code=config.trust_remote_code)
+            encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+            ids = (encode(INSTRUCTION), encode(CONTINUATION),
+                   encode(chat_suffix(tokenizer)))
+            room = sum(map(len, ids)) + OVERLAP_TOKENS
+            if room > PROMPT_ROOM:  # the scheduler's admission check assumed less
+                raise RuntimeError(
+                    f"kvzip: this tokenizer's reconstruction prompt takes {room} "
+                    f"tokens, more than the {PROMPT_ROOM} reserved for it")
+            self._prompt_ids = ids
+        return self._prompt_ids
+
+    def score(self, context: np.ndarray, table: HeadTable, slots: torch.Tensor,
+              chunk: int) -> tuple[torch.Tensor, int]:
+        """Reconstruction scores [L, H, M] of the KVs at ``slots`` (the
+        request's logical slots, as the compressor lays them out) and the
+        number of tokens the pass fed the model."""
+        instruction, continuation, suffix = self.prompt_ids()
+        lens = torch.from_numpy(table.lens)
+        width = slots.shape[-1]
+        held = torch.arange(width)[None, None, :] < lens[..., None]  # [L, H, M]
+        blocks = slots // self.pool.block_size
+        offsets = slots % self.pool.block_size
+        key_view, value_view = self.pool.packed_views(self.layout)
+        transposed = self.layout == "k_transposed"
+
+        def gather(layer: int):
+            b, o = blocks[layer], offsets[layer]
+            keys = key_view[b, :, o] if transposed else key_view[b, o]
+            return keys, value_view[b, o], held[layer]
+
+        scores = torch.zeros(held.shape, dtype=torch.float32)
+        meta = ReconstructionMetadata(
+            num_kv_heads=table.lens.shape[1], scale=self.scale,
+            layer_index=self.layer_index, gather=gather, scores=scores)
+        by_layer = {name: meta for name in self.layer_index}
+        start = len(context)
+        fed = 0
+        if start > max_context(self.max_position, chunk):  # refused on arrival
+            raise RuntimeError(f"kvzip: a {start}-token context passes the model's "
+                               f"{self.max_position} positions with its chunks")
+        for ids in reconstruction_chunks(context.tolist(), chunk, instruction,
+                                         continuation, suffix):
+            # The runner's own dtypes: the compiled model drops its guards,
+            # so int64 ids would be read as int32 data, not recompiled.
+            input_ids = torch.tensor(ids, dtype=self.runner.input_ids.gpu.dtype,
+                                     device=self.pool.kv.device)
+            positions = start + torch.arange(len(ids), dtype=self.runner.positions.dtype,
+                                             device=input_ids.device)
+            with set_forward_context(by_layer, self.runner.vllm_config,
+                                     num_tokens=len(ids), slot_mapping={}):
+                self.runner.model(input_ids=input_ids, positions=positions,
+                                  intermediate_tensors=None, inputs_embeds=None)
+            fed += len(ids)
+        return scores.masked_fill(~held, 0.0), fed

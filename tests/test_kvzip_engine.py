@@ -58,8 +58,8 @@ def record_scores(spec: dict) -> dict:
 
     passes, original = [], ReconstructionScorer.score
 
-    def recording(self, context, table, slots, chunk):
-        scores, fed = original(self, context, table, slots, chunk)
+    def recording(self, req_id, context, table, slots, chunk):
+        scores, fed = original(self, req_id, context, table, slots, chunk)
         passes.append((context.tolist(), scores.clone(), fed, self.prompt_ids()))
         return scores, fed
 
@@ -69,6 +69,7 @@ def record_scores(spec: dict) -> dict:
     reference = reference_scores(spec["model"], context, prompt_ids)
     engine = scores[:, :, :len(context)]
     return {**result, "passes": len(passes), "fed": fed, "context": len(context),
+            "later": [(len(p[0]), p[2]) for p in passes[1:]],
             "max_score_error": float((engine - reference).abs().max()),
             "reference_max": float(reference.max()),
             "padding_scores": float(scores[:, :, len(context):].abs().sum())}
@@ -82,17 +83,25 @@ def test_scores_match_the_definition_and_neighbours_match_stock(tiny_llama, tmp_
     plugin = run_engine_job(
         {**spec, "extra_args": extra,
          "engine": {**ENGINE, "kv_compress_rate": 1, "kv_compress_debug": True,
-                    "kv_compress_kvzip_chunk": CHUNK}},
+                    "kv_compress_kvzip_chunk": CHUNK, "kv_compress_interval": 10}},
         tmp_path, "kvzip", script=Path(__file__))
     assert plugin["compiled"]
 
-    # The pass ran once, after the 700-token prompt (chunks of 256: 3), and
+    # The first pass ran after the 700-token prompt (chunks of 256: 3), and
     # its scores are the definition's, padding excluded.
-    assert plugin["passes"] == 1 and plugin["context"] == LENGTHS[0]
+    assert plugin["context"] == LENGTHS[0]
     assert plugin["reference_max"] > 0.1
     assert plugin["max_score_error"] < 1e-4, plugin["max_score_error"]
     assert plugin["padding_scores"] == 0
-    assert plugin["reconstruction_tokens"] == plugin["fed"] > LENGTHS[0]
+    assert LENGTHS[0] < plugin["fed"] <= LENGTHS[0] + 3 * 64
+    # Every 10 decode steps another compression: its pass re-reads only the
+    # tokens added since the last one (one chunk, with its instruction).
+    later = plugin["later"]
+    assert len(later) >= 1, later
+    contexts = [plugin["context"]] + [n for n, _ in later]
+    for (n, fed), before in zip(later, contexts):
+        assert n - before < fed <= n - before + 64
+    assert plugin["reconstruction_tokens"] == plugin["fed"] + sum(f for _, f in later)
 
     # It evicted what rate 4 asks, and wrote nothing the others read.
     kvs = first_compressed(plugin["trace"], "0", LENGTHS[0])["requests"]["0"]["kvs"]

@@ -60,6 +60,10 @@ def test_chunks_carry_instruction_overlap_and_suffix():
     assert chunks[2][-5:] == context[20:]
     # Every context token is re-read exactly once as chunk text.
     assert sum(len(c) - c.index(9) - 1 for c in chunks) == len(context)
+    # A later pass starts where the last one stopped, with the overlap.
+    later = reconstruction_chunks(context, 10, [1, 2], [3], [9], start=20)
+    assert later == [[1, 2, 3] + context[20 - OVERLAP_TOKENS:20] + [9] + context[20:]]
+    assert reconstruction_chunks(context, 10, [1], [3], [9], start=25) == []
 
 
 def test_chat_suffix_is_the_template_turn_change(smollm2):

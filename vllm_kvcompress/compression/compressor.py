@@ -118,7 +118,7 @@ class Compressor:
         if policy.metric == "reconstruction":
             if reconstruct is None:
                 raise RuntimeError(f"policy {policy.name} needs a reconstruction pass")
-            metric = self._replace_metric(reconstruct(table, slots), slots, in_head)
+            metric = self._raise_metric(reconstruct(table, slots), slots, in_head)
         elif policy.metric is not None:
             metric, preference = self._update_metric(policy, table, window, slots,
                                                      lens, order)
@@ -134,13 +134,15 @@ class Compressor:
         table.truncate(plan.new_lens)
         return int((lens - plan.new_lens).sum())
 
-    def _replace_metric(self, fresh: torch.Tensor, slots: torch.Tensor,
-                        in_head: np.ndarray) -> np.ndarray:
-        """Store ``fresh`` [L, H, M] as the metric of the held KVs (a later
-        compression re-scores every KV, so nothing accumulates)."""
+    def _raise_metric(self, fresh: torch.Tensor, slots: torch.Tensor,
+                      in_head: np.ndarray) -> np.ndarray:
+        """Raise the held KVs' stored metric to ``fresh`` [L, H, M] where
+        higher (a best probability: a later pass re-reads only new tokens,
+        and new KVs start at 0); returns the metric."""
         held = torch.from_numpy(in_head)
-        self.kv_metric[slots[held]] = fresh[held]
-        return fresh.numpy().astype(np.float64)
+        where = slots[held]
+        self.kv_metric[where] = torch.maximum(self.kv_metric[where], fresh[held])
+        return self.kv_metric[slots].numpy().astype(np.float64)
 
     def _update_metric(self, policy, table: HeadTable, window: ObservationWindow,
                        slots: torch.Tensor, lens: np.ndarray, order

@@ -11,6 +11,11 @@ question that has not been asked yet.
 
 The reconstruction's KVs are never written to the pool: they exist only as
 the layer's key/value activations, so they never touch the books.
+
+A later compression of the same request (decode-time, cascading) re-reads
+only the tokens added since its last pass and raises the stored scores to
+the new ones where higher, so over a request's life the passes read each
+token once: the extra prefill stays one context long.
 """
 
 from __future__ import annotations
@@ -107,16 +112,16 @@ class ReconstructionMetadata:
 
 
 def reconstruction_chunks(context: list[int], chunk: int, instruction: list[int],
-                          continuation: list[int], suffix: list[int]
-                          ) -> list[list[int]]:
-    """The token ids fed to the model, one list per chunk of ``context``:
-    instruction (+ where to continue: ``continuation`` and the previous
-    chunk's last tokens) + ``suffix`` (the chat template's turn change) + the
-    chunk itself."""
+                          continuation: list[int], suffix: list[int],
+                          start: int = 0) -> list[list[int]]:
+    """The token ids fed to the model, one list per chunk of
+    ``context[start:]``: instruction (+ where to continue: ``continuation``
+    and the tokens just before the chunk) + ``suffix`` (the chat template's
+    turn change) + the chunk itself."""
     inputs = []
-    for start in range(0, len(context), chunk):
+    for begin in range(start, len(context), chunk):
         head = list(instruction)
-        if start:
-            head += continuation + context[max(0, start - OVERLAP_TOKENS):start]
-        inputs.append(head + suffix + context[start:start + chunk])
+        if begin:
+            head += continuation + context[max(0, begin - OVERLAP_TOKENS):begin]
+        inputs.append(head + suffix + context[begin:begin + chunk])
     return inputs

@@ -44,6 +44,8 @@ class ReconstructionScorer:
         self.scale = scale
         self.layer_index = layer_index
         self._prompt_ids: tuple[list[int], list[int], list[int]] | None = None
+        # Context tokens each request's passes have re-read so far.
+        self.reread: dict[str, int] = {}
         self.max_position = max_position_of(runner.model_config)
 
     def prompt_ids(self) -> tuple[list[int], list[int], list[int]]:
@@ -65,11 +67,16 @@ class ReconstructionScorer:
             self._prompt_ids = ids
         return self._prompt_ids
 
-    def score(self, context: np.ndarray, table: HeadTable, slots: torch.Tensor,
-              chunk: int) -> tuple[torch.Tensor, int]:
+    def drop(self, req_id: str) -> None:
+        """The request finished or lost its KVs (preempted): start over."""
+        self.reread.pop(req_id, None)
+
+    def score(self, req_id: str, context: np.ndarray, table: HeadTable,
+              slots: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
         """Reconstruction scores [L, H, M] of the KVs at ``slots`` (the
-        request's logical slots, as the compressor lays them out) and the
-        number of tokens the pass fed the model."""
+        request's logical slots, as the compressor lays them out) from
+        re-reading the context tokens not re-read before, and the number of
+        tokens the pass fed the model (0 when there is nothing new)."""
         instruction, continuation, suffix = self.prompt_ids()
         lens = torch.from_numpy(table.lens)
         width = slots.shape[-1]
@@ -95,7 +102,8 @@ class ReconstructionScorer:
             raise RuntimeError(f"kvzip: a {start}-token context passes the model's "
                                f"{self.max_position} positions with its chunks")
         for ids in reconstruction_chunks(context.tolist(), chunk, instruction,
-                                         continuation, suffix):
+                                         continuation, suffix,
+                                         start=self.reread.get(req_id, 0)):
             # The runner's own dtypes: the compiled model drops its guards,
             # so int64 ids would be read as int32 data, not recompiled.
             input_ids = torch.tensor(ids, dtype=self.runner.input_ids.gpu.dtype,
@@ -107,4 +115,5 @@ class ReconstructionScorer:
                 self.runner.model(input_ids=input_ids, positions=positions,
                                   intermediate_tensors=None, inputs_embeds=None)
             fed += len(ids)
+        self.reread[req_id] = len(context)
         return scores.masked_fill(~held, 0.0), fed

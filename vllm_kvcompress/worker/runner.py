@@ -113,6 +113,7 @@ class HeadPagedRunnerMixin:
         for req_id in gone:
             self.batch_tables.drop(req_id)
             self.windows.drop(req_id)
+            self.reconstruction.drop(req_id)
             self._compressing.pop(req_id, None)
         if self._step is not None:
             self.batch_tables.apply_grants(self.rank_slice.local_grants(self._step.grants))
@@ -164,7 +165,7 @@ class HeadPagedRunnerMixin:
 
         def reconstruct(table, slots):
             started = time.perf_counter()
-            scores, fed = self.reconstruction.score(context, table, slots,
+            scores, fed = self.reconstruction.score(req_id, context, table, slots,
                                                     order.settings.kvzip_chunk)
             reply.reconstruction_seconds += time.perf_counter() - started
             reply.reconstruction_tokens += fed

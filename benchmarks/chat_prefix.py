@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--stock-fits", type=int, default=4,
                         help="whole conversations (at their last turn) the pool holds")
     parser.add_argument("--rates", type=float, nargs="+", default=[4, 8])
+    parser.add_argument("--policy", default="kvcompress",
+                        help="--kv-compress-policy (the published figures: kvcompress)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/chat-prefix.json"))
     args = parser.parse_args()
 
@@ -110,9 +112,10 @@ def main() -> None:
             "output_len": args.output_len}
     top = max(args.rates)
     engines = [("stock", {})]
-    engines += [(f"rate {r:g}", {"kv_compress_rate": r}) for r in args.rates]
+    policy = {"kv_compress_policy": args.policy}
+    engines += [(f"rate {r:g}", {"kv_compress_rate": r, **policy}) for r in args.rates]
     engines += [(f"rate {top:g}, no prefix caching",
-                 {"kv_compress_rate": top, "enable_prefix_caching": False})]
+                 {"kv_compress_rate": top, "enable_prefix_caching": False, **policy})]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, extra) in enumerate(engines):

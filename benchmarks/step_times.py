@@ -77,7 +77,8 @@ def main() -> None:
 
     engine, base = workload(args)
     variants = [("stock", engine)] + [
-        (f"rate{r:g}", {**engine, "kv_compress_rate": r}) for r in args.rates]
+        (f"rate{r:g}", {**engine, "kv_compress_rate": r,
+                        "kv_compress_policy": args.policy}) for r in args.rates]
     if args.ample:
         variants.append(("stock-ample", {**engine, "num_gpu_blocks_override":
                                          args.prompts * request_blocks(args) + 1}))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vllm_kvcompress.compression.reconstruction import (
-    OVERLAP_TOKENS, reconstruction_attention, reconstruction_chunks,
+    OVERLAP_TOKENS, chunk_start, reconstruction_attention, reconstruction_chunks,
 )
 from vllm_kvcompress.worker.reconstruction import chat_suffix
 
@@ -64,6 +64,11 @@ def test_chunks_carry_instruction_overlap_and_suffix():
     later = reconstruction_chunks(context, 10, [1, 2], [3], [9], start=20)
     assert later == [[1, 2, 3] + context[20 - OVERLAP_TOKENS:20] + [9] + context[20:]]
     assert reconstruction_chunks(context, 10, [1], [3], [9], start=25) == []
+
+
+def test_chunks_go_after_the_context_while_the_positions_last():
+    assert chunk_start(1000, 300, 4096) == 1000
+    assert chunk_start(3900, 300, 4096) == 3796  # moved back, overlapping
 
 
 def test_chat_suffix_is_the_template_turn_change(smollm2):

@@ -35,10 +35,12 @@ OVERLAP_TOKENS = 8
 PROMPT_ROOM = 64
 
 
-def max_context(max_position: int, chunk: int) -> int:
-    """The longest context a reconstruction pass can score: its chunks sit
-    at the positions right after the context, which RoPE must cover."""
-    return max_position - chunk - PROMPT_ROOM
+def chunk_start(context_len: int, chunk_len: int, max_position: int) -> int:
+    """First position of a reconstruction chunk: right after the context,
+    or, for a context near the model's last position, as late as RoPE
+    allows (the chunk then overlaps the context's last positions, which
+    blurs the scores of those last tokens; the worker logs it)."""
+    return min(context_len, max_position - chunk_len)
 
 
 def max_position_of(model_config) -> int:

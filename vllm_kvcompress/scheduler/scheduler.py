@@ -13,7 +13,6 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import RequestStatus
 
 from ..compression.budget import peak_tokens_per_head
-from ..compression.reconstruction import max_context, max_position_of
 from ..config import KVCompressConfig
 from ..pool_shape import pool_shape
 from ..protocol import (
@@ -46,8 +45,6 @@ class KVCompressScheduler(Scheduler):
         # Refused at arrival (they could never fit the pool); their error
         # outputs go out with the next step's outputs.
         self._refused: list = []
-        self.kvzip_limit = max_context(max_position_of(vllm_config.model_config),
-                                       self.kv_compress.kvzip_chunk)
         self.triggers = CompressionTriggers(self.head_pool.block_size,
                                             self.kv_compress.cascade)
         self.step_count = 0
@@ -70,18 +67,6 @@ class KVCompressScheduler(Scheduler):
         # Fields were validated in the front end (request_validation.py).
         extra = request.sampling_params.extra_args if request.sampling_params else None
         self.request_settings[request.request_id] = self.kv_compress.for_request(extra)
-        settings = self.request_settings[request.request_id]
-        longest = request.num_prompt_tokens + request.max_tokens
-        if settings.policy == "kvzip" and settings.evicts and longest > self.kvzip_limit:
-            logger.warning(
-                "KV compression: request %s may reach %d tokens, more than the "
-                "%d whose kvzip reconstruction pass fits the model's positions "
-                "(chunks of --kv-compress-kvzip-chunk %d go after the context); "
-                "ended with an error. Use another policy or fewer tokens.",
-                request.request_id, longest, self.kvzip_limit, settings.kvzip_chunk)
-            self._refused.extend(
-                self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR))
-            return
         need = self.peak_head_blocks(request)
         if need > self.head_pool.num_head_blocks:
             logger.warning(

@@ -16,11 +16,15 @@ import torch
 from vllm.forward_context import set_forward_context
 
 from ..attention.pool_view import HeadBlockCache
+from vllm.logger import init_logger
+
 from ..compression.reconstruction import (
     CONTINUATION, INSTRUCTION, OVERLAP_TOKENS, PROMPT_ROOM, ReconstructionMetadata,
-    max_context, max_position_of, reconstruction_chunks,
+    chunk_start, max_position_of, reconstruction_chunks,
 )
 from ..head_table import HeadTable
+
+logger = init_logger(__name__)
 
 
 def chat_suffix(tokenizer) -> str:
@@ -37,7 +41,7 @@ def chat_suffix(tokenizer) -> str:
 
 class ReconstructionScorer:
     def __init__(self, runner, pool: HeadBlockCache, layout: str, scale: float,
-                 layer_index: dict[str, int]):
+                 layer_index: dict[str, int], chunk: int):
         self.runner = runner
         self.pool = pool
         self.layout = layout
@@ -47,6 +51,11 @@ class ReconstructionScorer:
         # Context tokens each request's passes have re-read so far.
         self.reread: dict[str, int] = {}
         self.max_position = max_position_of(runner.model_config)
+        if chunk + PROMPT_ROOM > self.max_position:
+            raise ValueError(
+                f"--kv-compress-kvzip-chunk {chunk} plus {PROMPT_ROOM} tokens of "
+                f"instruction passes the model's {self.max_position} positions; "
+                "use a smaller chunk")
 
     def prompt_ids(self) -> tuple[list[int], list[int], list[int]]:
         """Instruction, continuation and chat-suffix ids (tokenized once)."""
@@ -60,7 +69,7 @@ class ReconstructionScorer:
             ids = (encode(INSTRUCTION), encode(CONTINUATION),
                    encode(chat_suffix(tokenizer)))
             room = sum(map(len, ids)) + OVERLAP_TOKENS
-            if room > PROMPT_ROOM:  # the scheduler's admission check assumed less
+            if room > PROMPT_ROOM:  # the start-up check assumed less
                 raise RuntimeError(
                     f"kvzip: this tokenizer's reconstruction prompt takes {room} "
                     f"tokens, more than the {PROMPT_ROOM} reserved for it")
@@ -98,9 +107,6 @@ class ReconstructionScorer:
         by_layer = {name: meta for name in self.layer_index}
         start = len(context)
         fed = 0
-        if start > max_context(self.max_position, chunk):  # refused on arrival
-            raise RuntimeError(f"kvzip: a {start}-token context passes the model's "
-                               f"{self.max_position} positions with its chunks")
         for ids in reconstruction_chunks(context.tolist(), chunk, instruction,
                                          continuation, suffix,
                                          start=self.reread.get(req_id, 0)):
@@ -108,7 +114,15 @@ class ReconstructionScorer:
             # so int64 ids would be read as int32 data, not recompiled.
             input_ids = torch.tensor(ids, dtype=self.runner.input_ids.gpu.dtype,
                                      device=self.pool.kv.device)
-            positions = start + torch.arange(len(ids), dtype=self.runner.positions.dtype,
+            first = chunk_start(start, len(ids), self.max_position)
+            if first < start:
+                logger.warning(
+                    "kvzip: request %s's %d-token context leaves no room for a "
+                    "%d-token reconstruction chunk before position %d; the "
+                    "chunk overlaps the context's last %d positions, so their "
+                    "scores are approximate.", req_id, start, len(ids),
+                    self.max_position, start - first)
+            positions = first + torch.arange(len(ids), dtype=self.runner.positions.dtype,
                                              device=input_ids.device)
             with set_forward_context(by_layer, self.runner.vllm_config,
                                      num_tokens=len(ids), slot_mapping={}):

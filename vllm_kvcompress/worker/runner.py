@@ -80,7 +80,7 @@ class HeadPagedRunnerMixin:
             layer_index={name: i for i, name in enumerate(layer_names)})
         self.reconstruction = ReconstructionScorer(
             self, self.head_cache, self.compressor.layout, impl.scale,
-            self.step_inputs.layer_index)
+            self.step_inputs.layer_index, self.kv_compress.kvzip_chunk)
         for name in layer_names:
             context[name].impl.bind_pool(self.head_cache)
         for attn_group in self.attn_groups[0]:

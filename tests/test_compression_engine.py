@@ -41,7 +41,7 @@ def test_held_memory_follows_the_rate(tiny_llama, tmp_path, rate):
 def test_heads_keep_different_amounts_under_kvcompress(smollm2, tmp_path):
     prompt = mixed_prompts(smollm2, [1200], seed=7)
     spec = {"model": smollm2, "prompts": prompt, "max_tokens": 2,
-            "engine": {**ENGINE, "kv_compress_rate": 8}}
+            "engine": {**ENGINE, "kv_compress_rate": 8, "kv_compress_policy": "kvcompress"}}
     result = run_engine_job(spec, tmp_path, "variable")
     step = first_compressed(result["trace"], "0", 1200)
     info = step["requests"]["0"]

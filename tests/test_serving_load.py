@@ -7,6 +7,7 @@ scheduler checks its head-block books after every step (a leak or a double
 free would crash the engine and fail every later request)."""
 
 import asyncio
+import math
 import random
 import time
 
@@ -38,7 +39,7 @@ def test_start_up_logs_the_effective_configuration_once(server, server_log):
     lines = [line for line in server_log.read_text().splitlines()
              if "KV compression on:" in line]
     assert len(lines) == 1, lines
-    assert f"rate={float(RATE)}" in lines[0] and "policy='kvcompress'" in lines[0]
+    assert f"rate={float(RATE)}" in lines[0] and "policy='kvzip'" in lines[0]
     assert "protected_window=32" in lines[0] and "head-block size 32" in lines[0]
 
 
@@ -86,6 +87,26 @@ def test_metrics_move_with_a_compressed_request(server, smollm2):
     assert 0.8 * uncompressed < evicted < uncompressed * (1 - 1 / RATE)
     ratio = kvc(server, "achieved_ratio")
     assert abs(ratio - RATE) <= 0.1 * RATE, ratio
+
+
+def test_a_kvzip_request_counts_its_reconstruction_pass(server, smollm2):
+    names = ("reconstruction_tokens_total", "reconstruction_seconds_total",
+             "compression_seconds_total")
+    before = {name: kvc(server, name) for name in names}
+    [text] = mixed_texts(smollm2, [700], seed=12)
+    reply = chat(server, smollm2, text, max_tokens=4,
+                 extra_body={"vllm_xargs": {"kv_compress_policy": "kvzip"}})
+    assert reply.choices[0].message.content
+    assert_nothing_held(server)
+    after = {name: kvc(server, name) for name in names}
+    # One pass after the prompt: every prompt token re-read once, plus each
+    # 512-token chunk's instruction (at most 64 tokens).
+    prompt = reply.usage.prompt_tokens
+    fed = after["reconstruction_tokens_total"] - before["reconstruction_tokens_total"]
+    assert prompt < fed <= prompt + 64 * math.ceil(prompt / 512)
+    seconds = after["reconstruction_seconds_total"] - before["reconstruction_seconds_total"]
+    total = after["compression_seconds_total"] - before["compression_seconds_total"]
+    assert 0 < seconds <= total
 
 
 async def one_chat(client, model: str, text: str, mode: str, rng: random.Random):

@@ -120,13 +120,14 @@ SETTINGS = (
             "Instead of a rate, a fixed budget: keep at most this many KVs per "
             "head on average (over all layers and KV heads)."),
     Setting("kv_compress_policy", parse_policy, True,
-            f"Which KVs go: {', '.join(POLICIES)} (default kvcompress: "
-            "squared attention of recent queries, blocks ranked across all "
-            "layers and heads; cake: per-layer budgets from attention "
-            "entropy and variance, then that ranking within each layer; "
-            "adakv: equal layer budgets, that ranking within each layer; "
-            "kvzip: scores from a pass that makes the model repeat the "
-            "context, query-agnostic, costs about one more prefill)."),
+            f"Which KVs go: {', '.join(POLICIES)} (default kvzip: scores "
+            "from a pass that makes the model repeat the context, "
+            "query-agnostic, the best quality; re-reads the context at each "
+            "compression, about 3x a prefill's time on CPU; kvcompress: squared attention of recent "
+            "queries, blocks ranked across all layers and heads; cake: "
+            "per-layer budgets from attention entropy and variance, then "
+            "that ranking within each layer; adakv: equal layer budgets, "
+            "that ranking within each layer, the best of the cheap ones)."),
     Setting("kv_compress_head_floor", parse_fraction, True,
             "kvcompress only: every KV head keeps at least this fraction of the "
             "request's average per-head budget (default 0: no floor, as in "
@@ -176,7 +177,7 @@ class KVCompressConfig:
 
     rate: float = 1.0
     max_tokens: int | None = None
-    policy: str = "kvcompress"
+    policy: str = "kvzip"
     head_floor: float = 0.0
     cake_tau1: float = 1.0
     cake_tau2: float = 1.0

@@ -65,6 +65,11 @@ def main() -> None:
     print(f"\nKV compression at rate {args.rate:g}: {scheduler.stats.kvs_evicted} KVs "
           f"evicted; head-blocks held now {pool.num_held}, at most "
           f"{pool.peak_held}, of {pool.num_head_blocks}.")
+    stats = scheduler.stats
+    if stats.reconstruction_tokens:
+        print(f"kvzip's reconstruction passes re-read {stats.reconstruction_tokens} "
+              f"tokens in {stats.reconstruction_seconds:.1f} s (of "
+              f"{stats.compress_seconds:.1f} s spent compressing).")
     if args.long:
         tokens = len(outputs[0].prompt_token_ids)
         print(f"The prompt had {tokens} tokens; the pool holds {POOL_TOKENS} "

@@ -14,10 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from vllm.forward_context import set_forward_context
-
-from ..attention.pool_view import HeadBlockCache
 from vllm.logger import init_logger
 
+from ..attention.pool_view import HeadBlockCache
 from ..compression.reconstruction import (
     CONTINUATION, INSTRUCTION, OVERLAP_TOKENS, PROMPT_ROOM, ReconstructionMetadata,
     chunk_start, max_position_of, reconstruction_chunks,
@@ -40,6 +39,9 @@ def chat_suffix(tokenizer) -> str:
 
 
 class ReconstructionScorer:
+    """Runs kvzip passes for the compressor and remembers how far each
+    request's context has been re-read."""
+
     def __init__(self, runner, pool: HeadBlockCache, layout: str, scale: float,
                  layer_index: dict[str, int], chunk: int):
         self.runner = runner

@@ -1,0 +1,166 @@
+"""Quality suite: every policy at equal memory (the same rate) on four tasks
+(see quality_tasks.py), SmolLM2-135M, greedy answers, through the engine.
+
+One engine per task and length; each request carries its rate and policy in
+SamplingParams.extra_args (rate 1 = full cache). The "after" task runs on an
+engine that compresses between prompt chunks (--kv-compress-cascade) with a
+chunk exactly as long as the haystack and no prefix caching, so every policy
+evicts before the question is read. The others share prompts across
+configurations through vLLM's prefix cache (on by default).
+
+Also recorded per configuration: compression seconds, and for kvzip the
+reconstruction pass's seconds and extra tokens per prompt token, next to
+the full cache's time per request (mostly prefill).
+
+    python benchmarks/quality.py --task needle [--lengths 2048] [--cases 10]
+        [--rates 2 4 8 16] [--policies kvzip kvcompress ...] [--out DIR]
+    python benchmarks/quality.py --report [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+POLICIES = ["kvzip", "kvcompress", "adakv", "cake", "snapkv", "streamingllm"]
+
+
+def run_task(task: str, length: int, cases_n: int, rates: list[float],
+             policies: list[str], out_dir: Path) -> Path:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read the scheduler's stats
+    import vllm_kvcompress  # noqa: F401
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from quality_tasks import QUESTION_ROOM, TASKS, score
+    from vllm_kvcompress.assets import smollm2_path
+
+    model = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    cases = TASKS[task](tokenizer, length, cases_n, seed=length)
+    engine = dict(model=model, dtype="float32", max_model_len=length + 64,
+                  kv_compress_rate=2, max_num_seqs=8)
+    if task == "after":  # the haystack is one chunk, compressed before the question
+        engine.update(kv_compress_cascade=True, max_num_seqs=1,
+                      max_num_batched_tokens=length - QUESTION_ROOM,
+                      enable_prefix_caching=False)
+    llm = LLM(**engine)
+    stats = llm.llm_engine.engine_core.engine_core.scheduler.stats
+    max_tokens = 40 if task == "vartrack" else 12
+    configs = [("full", 1.0)] + [(p, r) for r in rates for p in policies]
+    rows = []
+    for policy, rate in tqdm(configs, desc=f"{task} {length}"):
+        extra = {"kv_compress_rate": rate}
+        if policy != "full":
+            extra["kv_compress_policy"] = policy
+        before = (stats.compress_seconds, stats.reconstruction_seconds,
+                  stats.reconstruction_tokens)
+        started = time.perf_counter()
+        outputs = llm.generate(
+            [{"prompt_token_ids": c["context"] + c["question"]} for c in cases],
+            SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra),
+            use_tqdm=False)
+        wall = time.perf_counter() - started
+        scores = [score(o.outputs[0].text, c["answers"]) for c, o in zip(cases, outputs)]
+        prompt_tokens = sum(len(c["context"]) + len(c["question"]) for c in cases)
+        rows.append({
+            "policy": policy, "rate": rate, "scores": scores,
+            "answers": [o.outputs[0].text for o in outputs],
+            "seconds_per_request": wall / len(cases),
+            "compress_seconds_per_request": (stats.compress_seconds - before[0]) / len(cases),
+            "reconstruction_seconds_per_request":
+                (stats.reconstruction_seconds - before[1]) / len(cases),
+            "reconstruction_tokens_per_prompt_token":
+                (stats.reconstruction_tokens - before[2]) / prompt_tokens,
+        })
+    out = out_dir / f"{task}-{length}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"task": task, "length": length, "cases": cases_n,
+                               "engine": {k: v for k, v in engine.items() if k != "model"},
+                               "rows": rows}, indent=1) + "\n")
+    return out
+
+
+def mean_se(scores: list[float]) -> tuple[float, float]:
+    n = len(scores)
+    mean = sum(scores) / n
+    var = sum((s - mean) ** 2 for s in scores) / max(n - 1, 1)
+    return mean, math.sqrt(var / n)
+
+
+def report(out_dir: Path) -> None:
+    """One markdown table and one plot per task and length, and the cost table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from needle import save_report
+
+    for path in sorted(out_dir.glob("*.json")):
+        data = json.loads(path.read_text())
+        rows = data["rows"]
+        full = next(r for r in rows if r["policy"] == "full")
+        f_mean, f_se = mean_se(full["scores"])
+        rates = sorted({r["rate"] for r in rows if r["policy"] != "full"})
+        policies = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"))
+        cell = {(r["policy"], r["rate"]): r for r in rows}
+        lines = [f"\n**{data['task']}, {data['length']}-token prompts, "
+                 f"{data['cases']} cases per cell** (full cache: {f_mean:.2f} ± {f_se:.2f}; "
+                 f"{full['seconds_per_request']:.1f} s per request)\n",
+                 "| policy | " + " | ".join(f"rate {r:g}" for r in rates)
+                 + " | compression s / request | extra tokens / prompt token |",
+                 "| --- |" + " --- |" * (len(rates) + 2)]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for policy in policies:
+            cells = [cell.get((policy, r)) for r in rates]
+            stats = [mean_se(c["scores"]) if c else None for c in cells]
+            done = [c for c in cells if c]
+            seconds = sum(c["compress_seconds_per_request"] for c in done) / len(done)
+            extra = sum(c["reconstruction_tokens_per_prompt_token"] for c in done) / len(done)
+            lines.append(f"| {policy} | " + " | ".join(
+                f"{m:.2f} ± {s:.2f}" if m is not None else "-"
+                for m, s in (st or (None, None) for st in stats))
+                + f" | {seconds:.2f} | {extra:.2f} |")
+            have = [(r, st) for r, st in zip(rates, stats) if st]
+            ax.errorbar([r for r, _ in have], [st[0] for _, st in have],
+                        yerr=[st[1] for _, st in have], fmt="o-", capsize=3, label=policy)
+        ax.axhline(f_mean, color="grey", ls="--", label="full cache")
+        ax.set(xscale="log", xlabel="compression rate", ylabel="score",
+               title=f"{data['task']}, SmolLM2-135M, {data['length']} tokens",
+               ylim=(-0.05, 1.05))
+        ax.minorticks_off()
+        ax.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax.legend(fontsize=7)
+        save_report(fig, lines, path)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=["needle", "after", "multikey", "vartrack"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048])
+    parser.add_argument("--cases", type=int, default=10)
+    parser.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--policies", nargs="+", default=POLICIES)
+    parser.add_argument("--out", default="docs/results/quality")
+    parser.add_argument("--report", action="store_true",
+                        help="only render the tables and plots of earlier runs in --out")
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    if not args.report:
+        if args.task is None:
+            parser.error("--task is required unless --report")
+        for length in args.lengths:
+            run_task(args.task, length, args.cases, args.rates, args.policies, out_dir)
+    report(out_dir)
+
+
+if __name__ == "__main__":
+    main()

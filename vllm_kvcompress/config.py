@@ -122,12 +122,12 @@ SETTINGS = (
     Setting("kv_compress_policy", parse_policy, True,
             f"Which KVs go: {', '.join(POLICIES)} (default kvzip: scores "
             "from a pass that makes the model repeat the context, "
-            "query-agnostic, the best quality; re-reads the context at each "
-            "compression, about 3x a prefill's time on CPU; kvcompress: squared attention of recent "
-            "queries, blocks ranked across all layers and heads; cake: "
-            "per-layer budgets from attention entropy and variance, then "
-            "that ranking within each layer; adakv: equal layer budgets, "
-            "that ranking within each layer, the best of the cheap ones)."),
+            "query-agnostic, the best quality; it re-reads each request's "
+            "context once, about 3x a prefill's time on CPU; kvcompress: "
+            "squared attention of recent queries, blocks ranked across all "
+            "layers and heads; cake: per-layer budgets from attention "
+            "entropy and variance, then that ranking within each layer; "
+            "adakv: equal layer budgets, that ranking within each layer)."),
     Setting("kv_compress_head_floor", parse_fraction, True,
             "kvcompress only: every KV head keeps at least this fraction of the "
             "request's average per-head budget (default 0: no floor, as in "

@@ -20,7 +20,7 @@ token once: the extra prefill stays one context long.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -98,8 +98,6 @@ class ReconstructionMetadata:
     # layer -> (keys [H, M, D], values [H, M, D], held [H, M])
     gather: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     scores: torch.Tensor  # [L, H, M] float32, maxed over chunks
-    capture: None = None  # never a query capture for the windows
-    layer_cache: dict = field(default_factory=dict)
 
     def attend(self, layer_name: str, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, output: torch.Tensor) -> None:

@@ -58,8 +58,8 @@ def record_scores(spec: dict) -> dict:
 
     passes, original = [], ReconstructionScorer.score
 
-    def recording(self, req_id, context, table, slots, chunk):
-        scores, fed = original(self, req_id, context, table, slots, chunk)
+    def recording(self, req_id, context, table, slots):
+        scores, fed = original(self, req_id, context, table, slots)
         passes.append((context.tolist(), scores.clone(), fed, self.prompt_ids()))
         return scores, fed
 

@@ -49,6 +49,7 @@ class ReconstructionScorer:
         self.layout = layout
         self.scale = scale
         self.layer_index = layer_index
+        self.chunk = chunk  # engine-wide, so fixed here
         self._prompt_ids: tuple[list[int], list[int], list[int]] | None = None
         # Context tokens each request's passes have re-read so far.
         self.reread: dict[str, int] = {}
@@ -83,7 +84,7 @@ class ReconstructionScorer:
         self.reread.pop(req_id, None)
 
     def score(self, req_id: str, context: np.ndarray, table: HeadTable,
-              slots: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
+              slots: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Reconstruction scores [L, H, M] of the KVs at ``slots`` (the
         request's logical slots, as the compressor lays them out) from
         re-reading the context tokens not re-read before, and the number of
@@ -109,7 +110,7 @@ class ReconstructionScorer:
         by_layer = {name: meta for name in self.layer_index}
         start = len(context)
         fed = 0
-        for ids in reconstruction_chunks(context.tolist(), chunk, instruction,
+        for ids in reconstruction_chunks(context.tolist(), self.chunk, instruction,
                                          continuation, suffix,
                                          start=self.reread.get(req_id, 0)):
             # The runner's own dtypes: the compiled model drops its guards,

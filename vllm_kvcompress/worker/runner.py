@@ -165,8 +165,7 @@ class HeadPagedRunnerMixin:
 
         def reconstruct(table, slots):
             started = time.perf_counter()
-            scores, fed = self.reconstruction.score(req_id, context, table, slots,
-                                                    order.settings.kvzip_chunk)
+            scores, fed = self.reconstruction.score(req_id, context, table, slots)
             reply.reconstruction_seconds += time.perf_counter() - started
             reply.reconstruction_tokens += fed
             return scores

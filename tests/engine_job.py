@@ -55,6 +55,10 @@ def run(spec: dict) -> dict:
         abort_while_compressing(engine, scheduler, spec["abort"], aborted_in_compression)
 
     prefix_hits = count_prefix_hits(scheduler)
+    runner = None
+    if spec.get("kept_positions"):
+        executor = engine.engine_core.engine_core.model_executor
+        runner = executor.driver_worker.worker.model_runner
     watch = CachedBytesWatch(engine, pool) if spec.get("watch_cached") else None
     extra = spec.get("extra_args") or [None] * len(spec["prompts"])
     # Requests go in waves: each wave once the previous one has finished.
@@ -97,6 +101,8 @@ def run(spec: dict) -> dict:
                       "rank_layer_kvs": t.lens.reshape(pool.num_layers, pool.num_ranks,
                                                        -1).sum(axis=2).tolist(),
                       "rank_blocks": pool.held_by(rid).tolist(),
+                      "head_kvs": t.lens.tolist(),  # [layer][head]
+                      **({"kept": kept_positions(runner, t)} if runner else {}),
                       "max_head": int(t.lens.max()), "min_head": int(t.lens.min())}
                 for rid, t in pool.tables.items()
             } if pool else {},
@@ -130,6 +136,19 @@ def run(spec: dict) -> dict:
             "tables": sorted(pool.tables),
         }
     return result
+
+
+def kept_positions(runner, table) -> list:
+    """The token positions each (layer, head) of a request holds, sorted:
+    which KVs survived (single worker in this process only)."""
+    positions = runner.kv_position
+    kept = []
+    for layer_blocks, layer_lens in zip(table.table, table.lens):
+        kept.append([])
+        for blocks, n in zip(layer_blocks, layer_lens.tolist()):
+            ids = torch.from_numpy(blocks[:-(-n // table.block_size)].astype("int64"))
+            kept[-1].append(sorted(positions[ids].reshape(-1)[:n].tolist()))
+    return kept
 
 
 class CachedBytesWatch:

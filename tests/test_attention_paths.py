@@ -1,5 +1,6 @@
 """Per-head paged attention through every ops implementation (vLLM's C++ CPU
-kernels, the Triton kernels of ``kernels/`` in the interpreter, the plain-torch
+kernels, the Triton kernels of ``kernels/`` in the interpreter, the
+FlashAttention view with a torch stand-in for FlashAttention, the plain-torch
 oracle) on the engine's own pool view, persistent tables and metadata
 builder, against a dense float64 computation; heads of one request hold
 different numbers of KVs (as after compression), with decode and
@@ -11,6 +12,8 @@ import torch
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from vllm_kvcompress.attention.ops.cpu import CpuOps, write_cache
+from vllm_kvcompress.attention.ops.flash import FlashOps
+from vllm_kvcompress.attention.ops.flash_reference import flash_reference
 from vllm_kvcompress.attention.ops.torch_ref import TorchOps
 from vllm_kvcompress.attention.ops.triton import TritonOps
 from vllm_kvcompress.attention.pool_view import HeadBlockCache
@@ -23,7 +26,10 @@ from vllm_kvcompress_kernels.testing import triton_ready
 
 # Each ops implementation, made for the kernel's ISA (only the CPU ops use it).
 PATHS = {"cpu_ops": CpuOps, "torch": lambda isa: TorchOps(),
-         "triton": lambda isa: TritonOps()}
+         "triton": lambda isa: TritonOps(),
+         # FlashAttention's one-head-sequence view, with the torch stand-in
+         # for vLLM's compiled FlashAttention (CUDA only).
+         "flash_view": lambda isa: FlashOps(varlen=flash_reference)}
 
 
 def scenario(rng, num_heads, group, head_dim, block_size, new_tokens, max_history):

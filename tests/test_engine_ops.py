@@ -1,6 +1,7 @@
 """The engine runs on every ops implementation: the Triton kernels of
-``kernels/`` (the CUDA path's, here in Triton's interpreter) and the
-plain-torch oracle give stock vLLM's greedy tokens at rate 1 on the tiny GQA
+``kernels/`` (the CUDA path's, here in Triton's interpreter), the CUDA
+path's FlashAttention view (with a torch stand-in for vLLM's compiled
+FlashAttention, which cannot run here) and the plain-torch oracle give stock vLLM's greedy tokens at rate 1 on the tiny GQA
 Llama, through the same runner, tables and builder as the C++ CPU ops, and
 compress with balanced books at rate 4. Small shapes: the interpreter is
 slow."""
@@ -16,9 +17,9 @@ ENGINE = dict(dtype="float32", max_model_len=512, block_size=32, enforce_eager=T
 LENGTHS = [90, 5, 37, 64]  # 90 is read in two chunks
 
 
-def run(tiny_llama, tmp_path, name, ops=None, **plugin):
+def run(tiny_llama, tmp_path, name, ops=None, kept_positions=False, **plugin):
     spec = {"model": tiny_llama, "prompts": mixed_prompts(tiny_llama, LENGTHS, seed=31),
-            "max_tokens": 24, "engine": {**ENGINE, **plugin}}
+            "max_tokens": 24, "engine": {**ENGINE, **plugin}, "kept_positions": kept_positions}
     if ops:
         spec["env"] = {"VLLM_KVCOMPRESS_OPS": ops, "TRITON_INTERPRET": "1"}
     return run_engine_job(spec, tmp_path, name)
@@ -29,12 +30,36 @@ def stock(tiny_llama, tmp_path_factory):
     return run(tiny_llama, tmp_path_factory.mktemp("ops"), "stock")
 
 
-@pytest.mark.parametrize("ops", ["torch", "triton"])
+@pytest.mark.parametrize("ops", ["torch", "triton", "flash-reference"])
 def test_rate_one_gives_stock_tokens(tiny_llama, tmp_path, stock, ops):
     plugin = run(tiny_llama, tmp_path, ops, ops, kv_compress_rate=1, kv_compress_debug=True)
     assert len(stock["outputs"]) == len(LENGTHS)
     assert plugin["outputs"] == stock["outputs"]
     assert plugin["final"]["held"] == 0
+
+
+def kept_sets(result) -> list:
+    """The positions every (layer, head) of every request held after every step."""
+    return [{rid: r["kept"] for rid, r in step["requests"].items()}
+            for step in result["trace"]]
+
+
+@pytest.mark.parametrize("ops, policy", [("triton", "kvcompress"), ("triton", "snapkv"),
+                                         ("flash-reference", "kvcompress")])
+def test_cuda_path_ops_evict_as_the_cpu_path(tiny_llama, tmp_path, ops, policy):
+    """At rate 8 the CUDA path's ops (the Triton statistics kernel scores
+    the window, Triton or the FlashAttention view attends, Triton compacts)
+    keep, step by step, the same KVs in every head as vLLM's CPU kernels with
+    torch statistics, and answer the same."""
+    plugin = dict(kv_compress_rate=8, kv_compress_policy=policy,
+                  kv_compress_protected_window=8, kv_compress_debug=True)
+    cpu = run(tiny_llama, tmp_path, f"cpu-{policy}", kept_positions=True, **plugin)
+    triton = run(tiny_llama, tmp_path, f"{ops}-{policy}", ops, kept_positions=True, **plugin)
+    assert cpu["evicted"] > 0
+    assert triton["evicted"] == cpu["evicted"]
+    assert kept_sets(triton) == kept_sets(cpu)
+    assert triton["outputs"] == cpu["outputs"]
+    assert triton["final"]["held"] == 0
 
 
 def test_triton_ops_compress_with_balanced_books(tiny_llama, tmp_path):

@@ -90,5 +90,6 @@ def build_metadata(inputs: StepInputs, num_reqs: int,
         head_major_rows=(head_major_rows(num_tokens, heads)
                          if num_tokens.size and num_tokens.max() > 1 else None),
         layer_index=inputs.layer_index,
+        max_query_len=int(num_tokens.max()) if num_tokens.size else 0,
         capture=inputs.capture,
     )

@@ -31,6 +31,8 @@ class HeadPagedMetadata:
     # token-major view; None when every request has one query (decode).
     head_major_rows: torch.Tensor | None
     layer_index: dict[str, int]
+    # Most queries any request has this step (host int: no device sync).
+    max_query_len: int = 1
     # Query rows to keep for the observation windows (None: none this step).
     capture: "QueryCapture | None" = None
     # Per-layer values derived lazily by the attention path (e.g. the C++

@@ -74,7 +74,8 @@ def make_plan(settings, scores: np.ndarray, positions: np.ndarray, lens: np.ndar
 class Compressor:
     def __init__(self, pool: HeadBlockCache, kv_metric: torch.Tensor,
                  kv_position: torch.Tensor, layout: str, scale: float, seed: int = 0,
-                 move_slots=apply_moves, sum_over_ranks=lambda values: values):
+                 move_slots=apply_moves, sum_over_ranks=lambda values: values,
+                 window_squared_attention=None):
         self.pool = pool
         self.slot_metric, self.slot_position = kv_metric, kv_position  # [P, bs]
         self.kv_metric = kv_metric.view(-1)
@@ -83,6 +84,9 @@ class Compressor:
         self.scale = scale
         self.rng = np.random.default_rng(seed)
         self.move_slots = move_slots  # the attention ops' compaction
+        # The ops' fused statistics kernel for KV-Compress's metric (reads the
+        # pool in place, all layers at once); None: torch, one layer at a time.
+        self.window_squared_attention = window_squared_attention
         # With tensor parallelism this rank holds some of the KV heads; CAKE's
         # layer statistics (sums over heads) are summed over all ranks so
         # every rank splits its budget over layers as one engine would.
@@ -149,43 +153,75 @@ class Compressor:
                        ) -> tuple[np.ndarray, np.ndarray | None]:
         """Score each KV from this window's attention into its stored metric;
         returns the metric and, for CAKE, each layer's preference weight."""
-        settings = order.settings
-        cake = policy.metric == "cake"
         seen = window.positions >= 0
-        queries = window.queries[:, seen]
+        queries = window.queries[:, seen]  # [L, W, Hq, D]
         query_positions = window.positions[seen]
-        num_layers, num_heads, width = slots.shape
-        group = queries.shape[2] // num_heads
         lens_t = torch.from_numpy(lens)
+        valid = torch.arange(slots.shape[2])[None, None, :] < lens_t[..., None]
+        if policy.metric == "cake":
+            return self._cake_metric(table, queries, query_positions, slots, lens_t,
+                                     valid, order.settings)
+        if self.window_squared_attention is not None:
+            fresh = self._kernel_squared_attention(table, queries, query_positions,
+                                                   slots, lens_t)
+        else:
+            fresh = torch.stack([
+                squared_attention(window_attention(*self._layer_inputs(
+                    table, queries, query_positions, slots, lens_t, layer)))
+                for layer in range(slots.shape[0])])
+        if order.after_prompt:
+            fresh = max_pool_keys(fresh.flatten(0, 1), self.kv_position[slots].flatten(0, 1),
+                                  lens_t.flatten()).view_as(fresh)
+        self.kv_metric[slots[valid]] += fresh[valid]
+        return self.kv_metric[slots].numpy().astype(np.float64), None
+
+    def _layer_inputs(self, table: HeadTable, queries: torch.Tensor,
+                      query_positions: torch.Tensor, slots: torch.Tensor,
+                      lens_t: torch.Tensor, layer: int) -> tuple:
+        """``window_attention``'s arguments for one layer: the layer's keys
+        gathered from the pool, padded to the widest head."""
+        _, num_heads, width = slots.shape
+        num_blocks = -(-width // table.block_size)
+        block_ids = torch.from_numpy(table.table[layer, :, :num_blocks].astype(np.int64))
+        keys = self.pool.keys(block_ids.reshape(-1), self.layout)
+        keys = keys.reshape(num_heads, -1, self.pool.head_dim)[:, :width]
+        q = queries[layer].reshape(len(query_positions), num_heads, -1, self.pool.head_dim)
+        return (keys, self.kv_position[slots[layer]], lens_t[layer], q, query_positions,
+                self.scale)
+
+    def _kernel_squared_attention(self, table: HeadTable, queries: torch.Tensor,
+                                  query_positions: torch.Tensor, slots: torch.Tensor,
+                                  lens_t: torch.Tensor) -> torch.Tensor:
+        """KV-Compress's metric [L, H, M] for every layer in one call of the
+        ops' kernel, which reads the keys in place in the pool (layers are
+        the kernel's requests, so each (layer, head) is one row)."""
+        num_layers, num_heads, width = slots.shape
+        num_blocks = -(-width // table.block_size)
+        block_tables = torch.from_numpy(np.ascontiguousarray(
+            table.table[:, :, :num_blocks], dtype=np.int32)).view(num_layers * num_heads, -1)
+        positions = query_positions.view(1, -1).expand(num_layers, -1).contiguous()
+        sum_p2 = self.window_squared_attention(
+            self.pool, queries.contiguous(), positions, block_tables,
+            lens_t.to(torch.int32).flatten(), self.slot_position, self.scale, width)
+        return sum_p2.view(num_layers, num_heads, width)
+
+    def _cake_metric(self, table: HeadTable, queries: torch.Tensor,
+                     query_positions: torch.Tensor, slots: torch.Tensor,
+                     lens_t: torch.Tensor, valid: torch.Tensor, settings
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """CAKE's indicator into the stored metric, and the layers' weights."""
+        num_layers = slots.shape[0]
         entropy, shift = np.zeros(num_layers), np.zeros(num_layers)
         for layer in range(num_layers):
-            layer_slots = slots[layer]  # [H, M]
-            num_blocks = -(-width // table.block_size)
-            block_ids = torch.from_numpy(table.table[layer, :, :num_blocks].astype(np.int64))
-            keys = self.pool.keys(block_ids.reshape(-1), self.layout)
-            keys = keys.reshape(num_heads, -1, self.pool.head_dim)[:, :width]
-            key_positions = self.kv_position[layer_slots]
-            q = queries[layer].reshape(len(query_positions), num_heads, group, -1)
-            inputs = (keys, key_positions, lens_t[layer], q, query_positions, self.scale)
-            valid = torch.arange(width)[None, :] < lens_t[layer][:, None]
-            if cake:
-                stats = layer_statistics(window_attention(*inputs), key_positions,
-                                         lens_t[layer], query_positions,
-                                         settings.cake_gamma)
-                entropy[layer], shift[layer] = stats.entropy, stats.shift
-                # Replaced, not added: a variance across queries does not add
-                # up over windows, and CAKE judges KVs by the latest window
-                # alone (a sum would also favour KVs that merely survived
-                # many compressions).
-                self.kv_metric[layer_slots[valid]] = stats.indicator[valid]
-            else:
-                fresh = squared_attention(window_attention(*inputs))
-                if order.after_prompt:
-                    fresh = max_pool_keys(fresh, key_positions, lens_t[layer])
-                self.kv_metric[layer_slots[valid]] += fresh[valid]
+            inputs = self._layer_inputs(table, queries, query_positions, slots, lens_t, layer)
+            stats = layer_statistics(window_attention(*inputs), inputs[1], lens_t[layer],
+                                     query_positions, settings.cake_gamma)
+            entropy[layer], shift[layer] = stats.entropy, stats.shift
+            # Replaced, not added: a variance across queries does not add up
+            # over windows, and CAKE judges KVs by the latest window alone (a
+            # sum would also favour KVs that merely survived many compressions).
+            self.kv_metric[slots[layer][valid[layer]]] = stats.indicator[valid[layer]]
         metric = self.kv_metric[slots].numpy().astype(np.float64)
-        if not cake:
-            return metric, None
         entropy, shift = self.sum_over_ranks(np.stack([entropy, shift]))
         return metric, preference_weights(entropy, shift, settings.cake_tau1,
                                           settings.cake_tau2)

@@ -4,8 +4,13 @@ attend, move slots (compaction), and where K sits inside a head-block.
 - ``cpu``: vLLM's C++ CPU kernels (the default on CPU);
 - ``triton``: the Triton kernels of ``kernels/`` (the CUDA path's; on CPU only
   under ``TRITON_INTERPRET=1``, for tests);
+- ``flash``: vLLM's FlashAttention in the one-head-sequence view for
+  attention, the Triton kernels for the rest (CUDA only);
+- ``flash-reference``: the same with a plain-torch stand-in for
+  FlashAttention (tests of that view on CPU, with ``TRITON_INTERPRET=1``);
 - ``torch``: plain torch, the oracle.
-Window statistics run in torch (``compression/metrics.py``) for all of them.
+Window statistics run in torch (``compression/metrics.py``), except that the
+Triton ops also bring the statistics kernel for KV-Compress's metric.
 ``VLLM_KVCOMPRESS_OPS`` picks one for the engine (tests and debugging).
 """
 
@@ -14,7 +19,7 @@ from __future__ import annotations
 import os
 
 OPS_ENV = "VLLM_KVCOMPRESS_OPS"
-OPS_NAMES = ("cpu", "triton", "torch")
+OPS_NAMES = ("cpu", "triton", "flash", "flash-reference", "torch")
 
 
 def make_ops(isa: str):
@@ -28,6 +33,15 @@ def make_ops(isa: str):
         from .triton import TritonOps
 
         return TritonOps()
+    if name == "flash":
+        from .flash import FlashOps
+
+        return FlashOps()
+    if name == "flash-reference":
+        from .flash import FlashOps
+        from .flash_reference import flash_reference
+
+        return FlashOps(varlen=flash_reference)
     if name == "torch":
         from .torch_ref import TorchOps
 

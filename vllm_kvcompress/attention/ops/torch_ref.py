@@ -37,6 +37,18 @@ def gather_head(pool: HeadBlockCache, block_row: torch.Tensor, length: int
     return keys, values
 
 
+def causal_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """The last ``c`` queries [c, G, D] of a sequence over its ``L`` keys and
+    values [L, D], causal from the bottom right: query j sees the first
+    ``L - c + j + 1`` KVs. fp32 math, result [c, G, D] float32."""
+    c, length = queries.shape[0], keys.shape[0]
+    scores = torch.einsum("cgd,kd->cgk", queries.float(), keys.float()) * scale
+    visible = torch.arange(length)[None, :] <= (length - c + torch.arange(c))[:, None]
+    probs = scores.masked_fill(~visible[:, None, :], float("-inf")).softmax(dim=-1)
+    return torch.einsum("cgk,kd->cgd", probs, values.float())
+
+
 def attend(pool: HeadBlockCache, meta: HeadPagedMetadata, layer: int,
            query: torch.Tensor, output: torch.Tensor, scale: float,
            isa: str = "", **_: object) -> None:
@@ -50,16 +62,7 @@ def attend(pool: HeadBlockCache, meta: HeadPagedMetadata, layer: int,
         if hi == lo:
             continue
         keys, values = gather_head(pool, meta.block_tables[layer, row], length)
-        queries = q[lo:hi].float()  # [c, G, D]
-        scores = torch.einsum("cgd,kd->cgk", queries, keys.float()) * scale
-        visible = torch.arange(length)[None, :] <= (
-            length - (hi - lo) + torch.arange(hi - lo)
-        )[:, None]
-        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1)
-        heads_out[lo:hi] = torch.einsum("cgk,kd->cgd", probs, values.float()).to(
-            q.dtype
-        )
+        heads_out[lo:hi] = causal_attention(q[lo:hi], keys, values, scale).to(q.dtype)
     meta.store_token_major(output, heads_out)
 
 

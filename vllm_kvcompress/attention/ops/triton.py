@@ -43,6 +43,17 @@ class TritonOps:
             meta.request_query_start_loc, scale, out=output[:t],
             max_seq_len=int(seq_lens.max()) if seq_lens.numel() else 1)
 
+    def window_squared_attention(self, pool: HeadBlockCache, queries, query_positions,
+                                 block_tables, seq_lens, kv_position, scale: float,
+                                 width: int) -> torch.Tensor:
+        """KV-Compress's metric (squared probabilities summed over the window
+        and the GQA group) per logical KV of every row, ``[N_rows, width]``:
+        the statistics kernel reading the keys in place in the pool."""
+        stats = _kernels().attention_stats(
+            queries, query_positions, pool_views(pool)[0], block_tables, seq_lens,
+            kv_position, scale, max_len=width)
+        return stats.sum_p2
+
     def key_layout(self, block_size: int, head_dim: int, dtype: torch.dtype) -> str:
         return "row_major"
 

@@ -55,10 +55,7 @@ def run(spec: dict) -> dict:
         abort_while_compressing(engine, scheduler, spec["abort"], aborted_in_compression)
 
     prefix_hits = count_prefix_hits(scheduler)
-    runner = None
-    if spec.get("kept_positions"):
-        executor = engine.engine_core.engine_core.model_executor
-        runner = executor.driver_worker.worker.model_runner
+    runner = in_process_runner(engine)
     watch = CachedBytesWatch(engine, pool) if spec.get("watch_cached") else None
     extra = spec.get("extra_args") or [None] * len(spec["prompts"])
     # Requests go in waves: each wave once the previous one has finished.
@@ -102,7 +99,8 @@ def run(spec: dict) -> dict:
                                                        -1).sum(axis=2).tolist(),
                       "rank_blocks": pool.held_by(rid).tolist(),
                       "head_kvs": t.lens.tolist(),  # [layer][head]
-                      **({"kept": kept_positions(runner, t)} if runner else {}),
+                      **({"kept": kept_positions(runner, t)}
+                         if spec.get("kept_positions") else {}),
                       "max_head": int(t.lens.max()), "min_head": int(t.lens.min())}
                 for rid, t in pool.tables.items()
             } if pool else {},
@@ -128,6 +126,8 @@ def run(spec: dict) -> dict:
         result["evicted"] = scheduler.stats.kvs_evicted
         result["low_memory_compressions"] = scheduler.stats.low_memory_compressions
         result["reconstruction_tokens"] = scheduler.stats.reconstruction_tokens
+        if runner is not None:  # observation-window slots the worker ever made
+            result["window_slots"] = int(runner.windows.queries.shape[0])
         result["stats_live_requests"] = scheduler.stats.live_requests
         result["final"] = {
             "held": pool.num_held,
@@ -136,6 +136,13 @@ def run(spec: dict) -> dict:
             "tables": sorted(pool.tables),
         }
     return result
+
+
+def in_process_runner(engine):
+    """The model runner when the only worker runs in this process, else None."""
+    executor = engine.engine_core.engine_core.model_executor
+    worker = getattr(getattr(executor, "driver_worker", None), "worker", None)
+    return getattr(worker, "model_runner", None)
 
 
 def kept_positions(runner, table) -> list:
@@ -157,8 +164,7 @@ class CachedBytesWatch:
     the block stays cached (single worker in this process only)."""
 
     def __init__(self, engine, pool):
-        executor = engine.engine_core.engine_core.model_executor
-        self.runner = executor.driver_worker.worker.model_runner
+        self.runner = in_process_runner(engine)
         self.pool = pool
         self.seen = {}  # (hash, id) -> bytes
         self.watched = 0

@@ -15,7 +15,7 @@ from vllm_kvcompress.compression.layer_budgets import (
     pyramid_weights,
 )
 from vllm_kvcompress.compression.metrics import window_attention
-from vllm_kvcompress.compression.planner import evictable_mask, plan_variable
+from vllm_kvcompress.compression.planner import EvictionPlan, evictable_mask, plan_variable
 
 SCALE = 0.4
 
@@ -229,7 +229,7 @@ def plan_case(rng):
     positions = np.full((num_layers, num_heads, int(lens.max())), -1)
     for lh, row in rows.items():
         positions[lh][: len(row)] = row
-    evictable = evictable_mask(positions, lens, seq_len, window, sinks)
+    evictable = evictable_mask(positions, lens, seq_len, window, sinks).numpy()
     scores = np.where(evictable, rng.random(positions.shape), np.inf)
     return scores, lens, evictable, bs
 
@@ -243,6 +243,7 @@ def test_per_layer_plan_keeps_each_layer_within_a_block_per_head(seed, variable)
     target = int(rng.integers(0, lens.sum() + 10))
     weights = rng.random(len(lens)) * (rng.random(len(lens)) < 0.8)
     plan = plan_by_layer(scores, lens, evictable, target, weights, bs, variable)
+    plan = EvictionPlan(plan.new_lens.numpy(), plan.evicted.numpy())
     held = lens.sum(1)
     budgets = allocate(weights, target, held - evictable.sum((1, 2)), held)
     kept = plan.new_lens.sum(1)

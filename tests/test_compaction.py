@@ -96,7 +96,7 @@ def compress(request, rng):
     scores = rng.random(request.positions.shape)
     allowed = evictable_mask(request.positions, request.lens, request.width,
                              protected_window=4, num_sinks=1)
-    scores[~allowed] = np.inf
+    scores[~allowed.numpy()] = np.inf
     max_evict = int(rng.integers(1, request.lens.sum()))
     return plan_variable(scores, request.lens, BS, max_evict)
 
@@ -107,6 +107,7 @@ def test_compaction_keeps_exactly_the_survivors(layout, seed):
     rng = np.random.default_rng(seed)
     request = Request(rng, layout)
     plan = compress(request, rng)
+    evicted, new_lens = plan.evicted.numpy(), plan.new_lens.numpy()
     assert plan.evicted.any()
     before = {}
     for head in request.heads():
@@ -115,16 +116,16 @@ def test_compaction_keeps_exactly_the_survivors(layout, seed):
         assert torch.equal(written[0], request.keys[head[0], :length, head[1]])
         assert torch.equal(written[1], request.values[head[0], :length, head[1]])
         rows = request.contents(head, length, layout)
-        kept = ~plan.evicted[head][:length]
+        kept = ~evicted[head][:length]
         kept_positions = request.positions[head][:length][kept]
         before[head] = rows[np.isin(rows[:, 0].numpy(), kept_positions)]
 
     moves = slot_moves(request.table, plan)
-    apply_moves(request.pool, torch.from_numpy(moves), request.metric,
+    apply_moves(request.pool, moves, request.metric,
                 request.position, layout)
 
     for head in request.heads():
-        after = request.contents(head, int(plan.new_lens[head]), layout)
+        after = request.contents(head, int(new_lens[head]), layout)
         assert torch.equal(after, before[head]), head
 
 
@@ -132,6 +133,7 @@ def test_slot_moves_are_per_head_compaction_moves():
     rng = np.random.default_rng(7)
     request = Request(rng, "row_major", num_layers=3, num_heads=4)
     plan = compress(request, rng)
+    evicted, new_lens = plan.evicted.numpy(), plan.new_lens.numpy()
     moves = slot_moves(request.table, plan)
     owner = {}
     for head in request.heads():
@@ -139,15 +141,15 @@ def test_slot_moves_are_per_head_compaction_moves():
             owner[int(block)] = head
     expected = []
     for head in request.heads():
-        src, dst = compaction_moves(plan.evicted[head], int(request.lens[head]))
+        src, dst = compaction_moves(evicted[head], int(request.lens[head]))
         assert len(src) == len(dst)
-        assert (dst < plan.new_lens[head]).all() and (src >= plan.new_lens[head]).all()
-        assert not plan.evicted[head][src].any() and plan.evicted[head][dst].all()
+        assert (dst < new_lens[head]).all() and (src >= new_lens[head]).all()
+        assert not evicted[head][src].any() and evicted[head][dst].all()
         slots = logical_slots(request.table, *head, request.lens[head])
         expected.append(np.stack([slots[src], slots[dst]], axis=1))
-    assert np.array_equal(moves, np.concatenate(expected))
-    assert moves.dtype == np.int64
-    for src, dst in moves:
+    assert np.array_equal(moves.numpy(), np.concatenate(expected))
+    assert moves.dtype == torch.int64
+    for src, dst in moves.tolist():
         assert owner[src // BS] == owner[dst // BS]
 
 
@@ -164,10 +166,11 @@ def test_attention_over_compacted_heads_matches_dense(layout):
     rng = np.random.default_rng(11)
     request = Request(rng, layout)
     plan = compress(request, rng)
-    survivors = {head: torch.from_numpy(~plan.evicted[head][: request.lens[head]])
+    evicted, new_lens = plan.evicted.numpy(), plan.new_lens.numpy()
+    survivors = {head: torch.from_numpy(~evicted[head][: request.lens[head]])
                  for head in request.heads()}
     moves = slot_moves(request.table, plan)
-    apply_moves(request.pool, torch.from_numpy(moves), layout=layout)
+    apply_moves(request.pool, moves, layout=layout)
 
     num_layers, num_heads = request.lens.shape
     group = 2
@@ -175,7 +178,7 @@ def test_attention_over_compacted_heads_matches_dense(layout):
     meta = HeadPagedMetadata(
         pool=request.pool, num_actual_tokens=1, num_kv_heads=num_heads,
         block_tables=torch.from_numpy(request.table.table.copy()),
-        seq_lens=torch.from_numpy(plan.new_lens.astype(np.int32)),
+        seq_lens=plan.new_lens.to(torch.int32),
         query_start_loc=torch.arange(num_heads + 1, dtype=torch.int32),
         request_query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
         head_major_rows=None, layer_index={})

@@ -111,6 +111,8 @@ def test_scores_match_the_definition_and_neighbours_match_stock(tiny_llama, tmp_
         assert plugin["outputs"][rid] == stock["outputs"][rid], f"request {rid} diverged"
     assert len(plugin["outputs"]["0"]) == 24
     assert plugin["final"]["held"] == 0 and plugin["final"]["tables"] == []
+    # kvzip never reads the observation window, so no queries were kept.
+    assert plugin["window_slots"] == 0
 
 
 def test_a_context_near_the_last_position_is_still_scored(tiny_llama, tmp_path):

@@ -5,11 +5,26 @@ kept, budget respected; and the equal-count-per-head baseline."""
 import numpy as np
 import pytest
 
-from vllm_kvcompress.compression.planner import (
-    evictable_mask,
-    plan_uniform,
-    plan_variable,
-)
+from vllm_kvcompress.compression import planner
+from vllm_kvcompress.compression.planner import EvictionPlan
+
+
+def as_numpy(plan: EvictionPlan) -> EvictionPlan:
+    return EvictionPlan(plan.new_lens.numpy(), plan.evicted.numpy())
+
+
+# The planner runs in torch (on the scores' device); these tests hand it
+# numpy inputs and read its plans as numpy.
+def plan_variable(*args, **kwargs):
+    return as_numpy(planner.plan_variable(*args, **kwargs))
+
+
+def plan_uniform(*args, **kwargs):
+    return as_numpy(planner.plan_uniform(*args, **kwargs))
+
+
+def evictable_mask(*args, **kwargs):
+    return planner.evictable_mask(*args, **kwargs).numpy()
 
 
 def hanging(length, bs):

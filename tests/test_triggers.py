@@ -54,14 +54,15 @@ class Request:
                          preference=np.full(LAYERS, 1.0 / LAYERS))
         if plan is None:
             return 0
+        evicted = plan.evicted.numpy()
         before = blocks(self.lens)
         for layer in range(LAYERS):
             for head in range(HEADS):
                 n = self.lens[layer, head]
-                kept = self.positions[layer, head, :n][~plan.evicted[layer, head, :n]]
+                kept = self.positions[layer, head, :n][~evicted[layer, head, :n]]
                 self.positions[layer, head] = -1
                 self.positions[layer, head, : len(kept)] = kept
-        self.lens = plan.new_lens.astype(np.int64)
+        self.lens = plan.new_lens.numpy()
         return before - blocks(self.lens)
 
 

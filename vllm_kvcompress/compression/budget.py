@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 
 def kept_target(settings, num_tokens: int, heads: int) -> int:
     """KVs a request of ``num_tokens`` tokens should keep over all its heads.
@@ -21,10 +19,10 @@ def kept_target(settings, num_tokens: int, heads: int) -> int:
     return math.ceil(compressible / settings.rate) + protected * heads
 
 
-def eviction_budget(settings, lens: np.ndarray, evictable: np.ndarray,
-                    num_tokens: int) -> int:
-    """How many KVs may go now."""
-    target = kept_target(settings, num_tokens, lens.size)
+def eviction_budget(settings, lens, evictable, num_tokens: int) -> int:
+    """How many KVs may go now (``lens`` [L, H] and ``evictable`` [L, H, M],
+    numpy or torch)."""
+    target = kept_target(settings, num_tokens, math.prod(lens.shape))
     return max(0, min(int(evictable.sum()), int(lens.sum()) - target))
 
 

@@ -18,6 +18,7 @@ import torch
 from ..head_table import HeadTable
 from .planner import EvictionPlan
 
+
 def compaction_moves(evicted_row: np.ndarray, length: int
                      ) -> tuple[np.ndarray, np.ndarray]:
     """One head's (src, dst) logical indices: each survivor at or past the new
@@ -29,17 +30,18 @@ def compaction_moves(evicted_row: np.ndarray, length: int
     return src.astype(np.int64), dst.astype(np.int64)
 
 
-def _move_masks(plan: EvictionPlan) -> tuple[np.ndarray, np.ndarray]:
+def _move_masks(plan: EvictionPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """[L, H, M] masks of the sources and destinations of every head."""
-    index = np.arange(plan.evicted.shape[-1])
+    index = torch.arange(plan.evicted.shape[-1], device=plan.evicted.device)
     old_lens = plan.new_lens + plan.evicted.sum(-1)
     below = index < plan.new_lens[..., None]
     held = index < old_lens[..., None]
     return ~plan.evicted & held & ~below, plan.evicted & below
 
 
-def slot_moves(table: HeadTable, plan: EvictionPlan) -> np.ndarray:
-    """[M, 2] (src_slot, dst_slot) over all heads of one request.
+def slot_moves(table: HeadTable, plan: EvictionPlan) -> torch.Tensor:
+    """[M, 2] int64 (src_slot, dst_slot) over all heads of one request, on
+    the plan's device.
 
     Within a head the k-th source pairs with the k-th destination; row-major
     ``nonzero`` lists both head by head in ascending index, and every head has
@@ -47,10 +49,10 @@ def slot_moves(table: HeadTable, plan: EvictionPlan) -> np.ndarray:
     """
     src_mask, dst_mask = _move_masks(plan)
     bs = table.block_size
+    ids = torch.as_tensor(table.table, device=plan.evicted.device).long()
 
-    def slots(mask: np.ndarray) -> np.ndarray:
-        layer, head, logical = np.nonzero(mask)
-        blocks = table.table[layer, head, logical // bs].astype(np.int64)
-        return blocks * bs + logical % bs
+    def slots(mask: torch.Tensor) -> torch.Tensor:
+        layer, head, logical = torch.nonzero(mask, as_tuple=True)
+        return ids[layer, head, logical // bs] * bs + logical % bs
 
-    return np.stack([slots(src_mask), slots(dst_mask)], axis=1).reshape(-1, 2)
+    return torch.stack([slots(src_mask), slots(dst_mask)], dim=1).reshape(-1, 2)

@@ -30,44 +30,49 @@ class ObservationWindow:
     positions: torch.Tensor  # [W] token positions, -1 where empty
 
 
-def keep_best(scores: np.ndarray, count: int) -> np.ndarray:
+def keep_best(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Protect (score +inf) each head's ``count`` best-scored KVs, so a single
     ranking across heads cannot strip any head below that floor."""
-    order = np.argsort(-np.where(np.isfinite(scores), scores, -np.inf), axis=-1)
-    best = np.zeros(scores.shape, dtype=bool)
-    np.put_along_axis(best, order[..., :count], True, axis=-1)
-    return np.where(best, np.inf, scores)
+    scores = torch.as_tensor(scores)
+    ranked = torch.where(torch.isfinite(scores), scores, -torch.inf)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    best = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    best.scatter_(-1, order[..., :count], True)
+    return torch.where(best, torch.inf, scores)
 
 
-def make_plan(settings, scores: np.ndarray, positions: np.ndarray, lens: np.ndarray,
-              num_tokens: int, target_tokens: int, block_size: int,
-              preference: np.ndarray | None = None) -> EvictionPlan | None:
+def make_plan(settings, scores, positions, lens, num_tokens: int, target_tokens: int,
+              block_size: int, preference: np.ndarray | None = None
+              ) -> EvictionPlan | None:
     """Which blocks of one request go, by its policy; None if nothing may go.
 
     ``scores`` and ``positions`` are ``[L, H, M]`` per logical slot, ``lens``
-    ``[L, H]``; ``num_tokens`` counts the protected window back,
-    ``target_tokens`` sizes the kept target. Pure numpy: the trigger tests
-    plan with it exactly as the engine does.
+    ``[L, H]`` (torch on any device, or numpy); ``num_tokens`` counts the
+    protected window back, ``target_tokens`` sizes the kept target. The
+    trigger tests plan with it exactly as the engine does.
     """
     policy = POLICIES[settings.policy]
     sinks = max(settings.sinks, policy.min_sinks)
-    evictable = evictable_mask(positions, lens, num_tokens,
-                               settings.protected_window, sinks)
-    scores = np.where(evictable, scores, np.inf)
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    lens = torch.as_tensor(lens, dtype=torch.int64, device=scores.device)
+    evictable = evictable_mask(torch.as_tensor(positions, device=scores.device), lens,
+                               num_tokens, settings.protected_window, sinks)
+    scores = torch.where(evictable, scores, torch.inf)
     budget = eviction_budget(settings, lens, evictable, target_tokens)
     if budget <= 0:
         return None
+    heads = lens.numel()
     if policy.layer_budgets is not None:
         weights = layer_weights(policy.layer_budgets, len(lens), preference)
-        target = kept_target(settings, target_tokens, lens.size)
+        target = kept_target(settings, target_tokens, heads)
         return plan_by_layer(scores, lens, evictable, target, weights,
                              block_size, policy.variable)
     if policy.variable:
         if settings.head_floor > 0:
-            average = (int(lens.sum()) - budget) / lens.size
+            average = (int(lens.sum()) - budget) / heads
             scores = keep_best(scores, math.ceil(settings.head_floor * average))
         return plan_variable(scores, lens, block_size, budget)
-    keep = math.ceil((int(lens.sum()) - budget) / lens.size)
+    keep = math.ceil((int(lens.sum()) - budget) / heads)
     return plan_uniform(scores, lens, block_size, keep)
 
 
@@ -82,7 +87,7 @@ class Compressor:
         self.kv_position = kv_position.view(-1)
         self.layout = layout
         self.scale = scale
-        self.rng = np.random.default_rng(seed)
+        self.rng = torch.Generator(device=pool.kv.device).manual_seed(seed)
         self.move_slots = move_slots  # the attention ops' compaction
         # The ops' fused statistics kernel for KV-Compress's metric (reads the
         # pool in place, all layers at once); None: torch, one layer at a time.
@@ -99,26 +104,28 @@ class Compressor:
         self.slot_metric[copies] = self.slot_metric[sources]
         self.slot_position[copies] = self.slot_position[sources]
 
-    def compress(self, table: HeadTable, window: ObservationWindow, order,
+    def compress(self, table: HeadTable, window: ObservationWindow | None, order,
                  reconstruct=None) -> int:
         """Evict and compact in place; returns the number of KVs evicted.
+        ``window`` is None for policies that do not read it.
 
         ``reconstruct(table, slots)`` scores the KVs at ``slots`` [L, H, M]
         for the "reconstruction" metric (the worker's kvzip pass)."""
         settings = order.settings
         policy = POLICIES[settings.policy]
-        lens = table.lens.copy()
-        width = int(lens.max())
+        device = self.kv_metric.device
+        lens = torch.as_tensor(table.lens, dtype=torch.int64, device=device)
+        width = int(table.lens.max())
         if width == 0:
             return 0
-        logical = np.arange(width)
-        in_head = logical[None, None, :] < lens[..., None]
-        blocks = table.table[:, :, logical // table.block_size].astype(np.int64)
-        slots = np.where(in_head, blocks * table.block_size + logical % table.block_size, 0)
-        slots = torch.from_numpy(slots)
-        positions = self.kv_position[slots].numpy()
+        logical = torch.arange(width, device=device)
+        in_head = logical < lens[..., None]
+        ids = torch.as_tensor(table.table, device=device).long()
+        blocks = ids[:, :, logical // table.block_size]
+        slots = torch.where(in_head, blocks * table.block_size + logical % table.block_size, 0)
+        positions = self.kv_position[slots]
 
-        metric, preference = np.zeros(lens.shape + (width,)), None
+        metric, preference = torch.zeros(slots.shape, dtype=torch.float64, device=device), None
         if policy.metric == "reconstruction":
             if reconstruct is None:
                 raise RuntimeError(f"policy {policy.name} needs a reconstruction pass")
@@ -133,95 +140,95 @@ class Compressor:
             return 0
         moves = slot_moves(table, plan)
         if len(moves):
-            self.move_slots(self.pool, torch.from_numpy(moves), self.slot_metric,
-                            self.slot_position, self.layout)
-        table.truncate(plan.new_lens)
+            self.move_slots(self.pool, moves, self.slot_metric, self.slot_position,
+                            self.layout)
+        table.truncate(plan.new_lens.cpu().numpy())
         return int((lens - plan.new_lens).sum())
 
     def _raise_metric(self, fresh: torch.Tensor, slots: torch.Tensor,
-                      in_head: np.ndarray) -> np.ndarray:
+                      in_head: torch.Tensor) -> torch.Tensor:
         """Raise the held KVs' stored metric to ``fresh`` [L, H, M] where
         higher (a best probability: a later pass re-reads only new tokens,
         and new KVs start at 0); returns the metric."""
-        held = torch.from_numpy(in_head)
-        where = slots[held]
-        self.kv_metric[where] = torch.maximum(self.kv_metric[where], fresh[held])
-        return self.kv_metric[slots].numpy().astype(np.float64)
+        where = slots[in_head]
+        self.kv_metric[where] = torch.maximum(self.kv_metric[where], fresh[in_head])
+        return self.kv_metric[slots]
 
     def _update_metric(self, policy, table: HeadTable, window: ObservationWindow,
-                       slots: torch.Tensor, lens: np.ndarray, order
-                       ) -> tuple[np.ndarray, np.ndarray | None]:
+                       slots: torch.Tensor, lens: torch.Tensor, order
+                       ) -> tuple[torch.Tensor, np.ndarray | None]:
         """Score each KV from this window's attention into its stored metric;
         returns the metric and, for CAKE, each layer's preference weight."""
         seen = window.positions >= 0
         queries = window.queries[:, seen]  # [L, W, Hq, D]
         query_positions = window.positions[seen]
-        lens_t = torch.from_numpy(lens)
-        valid = torch.arange(slots.shape[2])[None, None, :] < lens_t[..., None]
+        valid = torch.arange(slots.shape[2], device=lens.device) < lens[..., None]
         if policy.metric == "cake":
-            return self._cake_metric(table, queries, query_positions, slots, lens_t,
+            return self._cake_metric(table, queries, query_positions, slots, lens,
                                      valid, order.settings)
         if self.window_squared_attention is not None:
             fresh = self._kernel_squared_attention(table, queries, query_positions,
-                                                   slots, lens_t)
+                                                   slots, lens)
         else:
             fresh = torch.stack([
                 squared_attention(window_attention(*self._layer_inputs(
-                    table, queries, query_positions, slots, lens_t, layer)))
+                    table, queries, query_positions, slots, lens, layer)))
                 for layer in range(slots.shape[0])])
         if order.after_prompt:
             fresh = max_pool_keys(fresh.flatten(0, 1), self.kv_position[slots].flatten(0, 1),
-                                  lens_t.flatten()).view_as(fresh)
+                                  lens.flatten()).view_as(fresh)
         self.kv_metric[slots[valid]] += fresh[valid]
-        return self.kv_metric[slots].numpy().astype(np.float64), None
+        return self.kv_metric[slots], None
 
     def _layer_inputs(self, table: HeadTable, queries: torch.Tensor,
                       query_positions: torch.Tensor, slots: torch.Tensor,
-                      lens_t: torch.Tensor, layer: int) -> tuple:
+                      lens: torch.Tensor, layer: int) -> tuple:
         """``window_attention``'s arguments for one layer: the layer's keys
         gathered from the pool, padded to the widest head."""
         _, num_heads, width = slots.shape
         num_blocks = -(-width // table.block_size)
-        block_ids = torch.from_numpy(table.table[layer, :, :num_blocks].astype(np.int64))
+        block_ids = torch.as_tensor(table.table[layer, :, :num_blocks],
+                                    device=slots.device).long()
         keys = self.pool.keys(block_ids.reshape(-1), self.layout)
         keys = keys.reshape(num_heads, -1, self.pool.head_dim)[:, :width]
         q = queries[layer].reshape(len(query_positions), num_heads, -1, self.pool.head_dim)
-        return (keys, self.kv_position[slots[layer]], lens_t[layer], q, query_positions,
+        return (keys, self.kv_position[slots[layer]], lens[layer], q, query_positions,
                 self.scale)
 
     def _kernel_squared_attention(self, table: HeadTable, queries: torch.Tensor,
                                   query_positions: torch.Tensor, slots: torch.Tensor,
-                                  lens_t: torch.Tensor) -> torch.Tensor:
+                                  lens: torch.Tensor) -> torch.Tensor:
         """KV-Compress's metric [L, H, M] for every layer in one call of the
         ops' kernel, which reads the keys in place in the pool (layers are
         the kernel's requests, so each (layer, head) is one row)."""
         num_layers, num_heads, width = slots.shape
         num_blocks = -(-width // table.block_size)
-        block_tables = torch.from_numpy(np.ascontiguousarray(
-            table.table[:, :, :num_blocks], dtype=np.int32)).view(num_layers * num_heads, -1)
+        block_tables = torch.as_tensor(table.table[:, :, :num_blocks], device=slots.device)
+        block_tables = block_tables.to(torch.int32).reshape(num_layers * num_heads, -1)
         positions = query_positions.view(1, -1).expand(num_layers, -1).contiguous()
         sum_p2 = self.window_squared_attention(
             self.pool, queries.contiguous(), positions, block_tables,
-            lens_t.to(torch.int32).flatten(), self.slot_position, self.scale, width)
+            lens.to(torch.int32).flatten(), self.slot_position, self.scale, width)
         return sum_p2.view(num_layers, num_heads, width)
 
     def _cake_metric(self, table: HeadTable, queries: torch.Tensor,
                      query_positions: torch.Tensor, slots: torch.Tensor,
-                     lens_t: torch.Tensor, valid: torch.Tensor, settings
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """CAKE's indicator into the stored metric, and the layers' weights."""
+                     lens: torch.Tensor, valid: torch.Tensor, settings
+                     ) -> tuple[torch.Tensor, np.ndarray]:
+        """CAKE's indicator into the stored metric, and the layers' weights
+        (host numbers, one per layer)."""
         num_layers = slots.shape[0]
         entropy, shift = np.zeros(num_layers), np.zeros(num_layers)
         for layer in range(num_layers):
-            inputs = self._layer_inputs(table, queries, query_positions, slots, lens_t, layer)
-            stats = layer_statistics(window_attention(*inputs), inputs[1], lens_t[layer],
+            inputs = self._layer_inputs(table, queries, query_positions, slots, lens, layer)
+            stats = layer_statistics(window_attention(*inputs), inputs[1], lens[layer],
                                      query_positions, settings.cake_gamma)
             entropy[layer], shift[layer] = stats.entropy, stats.shift
             # Replaced, not added: a variance across queries does not add up
             # over windows, and CAKE judges KVs by the latest window alone (a
             # sum would also favour KVs that merely survived many compressions).
             self.kv_metric[slots[layer][valid[layer]]] = stats.indicator[valid[layer]]
-        metric = self.kv_metric[slots].numpy().astype(np.float64)
+        metric = self.kv_metric[slots]
         entropy, shift = self.sum_over_ranks(np.stack([entropy, shift]))
         return metric, preference_weights(entropy, shift, settings.cake_tau1,
                                           settings.cake_tau2)

@@ -13,6 +13,7 @@ target, every layer keeps just those.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .planner import EvictionPlan, plan_uniform, plan_variable
 
@@ -79,7 +80,7 @@ def allocate(weights: np.ndarray, total: int, floors: np.ndarray,
     return floors + base
 
 
-def plan_by_layer(scores: np.ndarray, lens: np.ndarray, evictable: np.ndarray,
+def plan_by_layer(scores: torch.Tensor, lens: torch.Tensor, evictable: torch.Tensor,
                   target: int, weights: np.ndarray, block_size: int,
                   variable: bool) -> EvictionPlan:
     """Slice ``target`` (KVs over all heads) across layers by ``weights``
@@ -91,10 +92,13 @@ def plan_by_layer(scores: np.ndarray, lens: np.ndarray, evictable: np.ndarray,
     the heads by the same ``allocate`` (a head shorter than its share keeps
     all it has and the others make up for it). Either way a layer keeps at
     least its budget and, whole blocks going, less than one block per head
-    more.
+    more. The split itself is host arithmetic over L (and H) numbers.
     """
-    head_protected = lens - evictable.sum(axis=2)
-    held, protected = lens.sum(axis=1), head_protected.sum(axis=1)
+    scores = torch.as_tensor(scores)
+    lens = torch.as_tensor(lens, device=scores.device)
+    head_protected = lens - torch.as_tensor(evictable, device=scores.device).sum(dim=2)
+    host_lens, host_protected = lens.cpu().numpy(), head_protected.cpu().numpy()
+    held, protected = host_lens.sum(axis=1), host_protected.sum(axis=1)
     budgets = allocate(weights, target, protected, held)
     plans = []
     for layer, budget in enumerate(budgets):
@@ -104,7 +108,7 @@ def plan_by_layer(scores: np.ndarray, lens: np.ndarray, evictable: np.ndarray,
                                        int(held[layer] - budget)))
         else:
             keep = allocate(np.ones(lens.shape[1]), int(budget),
-                            head_protected[layer], lens[layer])
+                            host_protected[layer], host_lens[layer])
             plans.append(plan_uniform(layer_scores, layer_lens, block_size, keep[None]))
-    return EvictionPlan(new_lens=np.concatenate([p.new_lens for p in plans]),
-                        evicted=np.concatenate([p.evicted for p in plans]))
+    return EvictionPlan(new_lens=torch.cat([p.new_lens for p in plans]),
+                        evicted=torch.cat([p.evicted for p in plans]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,20 @@ class Policy:
     layer_budgets: str | None = None
     min_sinks: int = 0
 
-    def scores(self, metric: np.ndarray, positions: np.ndarray,
-               rng: np.random.Generator) -> np.ndarray:
+    @property
+    def reads_window(self) -> bool:
+        """Scored from the observation window's attention."""
+        return self.metric in ("squared", "cake")
+
+    def scores(self, metric: torch.Tensor, positions: torch.Tensor,
+               rng: torch.Generator) -> torch.Tensor:
+        """[L, H, M] float64 scores on the metric's device (lower goes first)."""
         if self.metric is not None:
-            return metric.astype(np.float64)
+            return metric.double()
         if self.name == "streamingllm":  # oldest first
-            return positions.astype(np.float64)
-        return rng.random(positions.shape)
+            return positions.double()
+        return torch.rand(positions.shape, generator=rng, dtype=torch.float64,
+                          device=positions.device)
 
 
 POLICIES = {

@@ -42,7 +42,7 @@ class HeadPagedRunnerMixin:
         self._step: StepMessage | None = None
         self._scheduler_output = None
         self._reply: CompressReply | None = None
-        self._compressing: dict[str, bool] = {}
+        self._wants_window: dict[str, bool] = {}
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
@@ -115,7 +115,7 @@ class HeadPagedRunnerMixin:
             self.batch_tables.drop(req_id)
             self.windows.drop(req_id)
             self.reconstruction.drop(req_id)
-            self._compressing.pop(req_id, None)
+            self._wants_window.pop(req_id, None)
         if self._step is not None:
             self.batch_tables.apply_grants(self.rank_slice.local_grants(self._step.grants))
         return result
@@ -145,12 +145,12 @@ class HeadPagedRunnerMixin:
                                             torch.from_numpy(copies.astype(np.int64)))
                 self.batch_tables.replace_ids(req_id, sources, copies)
             table = self.batch_tables.snapshot(req_id)
+            policy = POLICIES[order.settings.policy]
             window = self.windows.window(req_id)
-            if window is None:
+            if window is None and policy.reads_window:
                 raise RuntimeError(f"no observation window for request {req_id}")
             reconstruct = (self._reconstruction_of(req_id, order, reply)
-                           if POLICIES[order.settings.policy].metric == "reconstruction"
-                           else None)
+                           if policy.metric == "reconstruction" else None)
             reply.evicted[req_id] = self.compressor.compress(table, window, order,
                                                              reconstruct)
             self.batch_tables.store_lengths(req_id, table)
@@ -209,18 +209,21 @@ class HeadPagedRunnerMixin:
         self.kv_position.view(-1)[flat_slots] = positions.to(torch.int32)[
             None, :, None].expand_as(slots).reshape(-1)
         self.kv_metric.view(-1)[flat_slots] = 0.0
-        # A request that may be compressed keeps its window at every step: a
-        # compression can be ordered at any step (interval, pool running dry).
+        # A request whose compressions read its window keeps it at every step:
+        # a compression can be ordered at any step (interval, pool running dry).
         self.step_inputs.capture = self.windows.plan(
-            req_ids, num_tokens, first.numpy(), [self._may_compress(r) for r in req_ids])
+            req_ids, num_tokens, first.numpy(), [self._wants_window_of(r) for r in req_ids])
 
-    def _may_compress(self, req_id: str) -> bool:
-        known = self._compressing.get(req_id)
+    def _wants_window_of(self, req_id: str) -> bool:
+        """Whether the request may be compressed by a policy that scores
+        KVs from the observation window (kvzip, streamingllm and random
+        never read it, so their queries are not kept)."""
+        known = self._wants_window.get(req_id)
         if known is None:
             params = self.requests[req_id].sampling_params
-            extra = params.extra_args if params else None
-            known = self.kv_compress.for_request(extra).evicts
-            self._compressing[req_id] = known
+            settings = self.kv_compress.for_request(params.extra_args if params else None)
+            known = settings.evicts and POLICIES[settings.policy].reads_window
+            self._wants_window[req_id] = known
         return known
 
     def _check_against_scheduler(self, expected) -> None:

@@ -31,7 +31,9 @@ POLICIES = ["kvzip", "kvcompress", "adakv", "cake", "snapkv", "streamingllm"]
 
 def run_task(task: str, length: int, cases_n: int, rates: list[float],
              policies: list[str], out_dir: Path) -> Path:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # Room for every case's prompt in the prefix cache (40 cases of 4K tokens
+    # of SmolLM2 take about 7 GiB), so configurations share their prefills.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "8")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read the scheduler's stats
     import vllm_kvcompress  # noqa: F401
     from tqdm import tqdm
@@ -54,6 +56,8 @@ def run_task(task: str, length: int, cases_n: int, rates: list[float],
     stats = llm.llm_engine.engine_core.engine_core.scheduler.stats
     max_tokens = 40 if task == "vartrack" else 12
     configs = [("full", 1.0)] + [(p, r) for r in rates for p in policies]
+    out = out_dir / f"{task}-{length}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for policy, rate in tqdm(configs, desc=f"{task} {length}"):
         extra = {"kv_compress_rate": rate}
@@ -79,11 +83,11 @@ def run_task(task: str, length: int, cases_n: int, rates: list[float],
             "reconstruction_tokens_per_prompt_token":
                 (stats.reconstruction_tokens - before[2]) / prompt_tokens,
         })
-    out = out_dir / f"{task}-{length}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"task": task, "length": length, "cases": cases_n,
-                               "engine": {k: v for k, v in engine.items() if k != "model"},
-                               "rows": rows}, indent=1) + "\n")
+        # Saved after every configuration: a long run stopped early keeps its
+        # finished cells (the report shows the missing ones as "-").
+        out.write_text(json.dumps({"task": task, "length": length, "cases": cases_n,
+                                   "engine": {k: v for k, v in engine.items() if k != "model"},
+                                   "rows": rows}, indent=1) + "\n")
     return out
 
 

@@ -14,6 +14,7 @@ the full cache's time per request (mostly prefill).
 
     python benchmarks/quality.py --task needle [--lengths 2048] [--cases 10]
         [--rates 2 4 8 16] [--policies kvzip kvcompress ...] [--out DIR]
+        [--name NAME]  (results file NAME-LENGTH.json; default: the task)
     python benchmarks/quality.py --report [--out DIR]
 """
 
@@ -27,16 +28,37 @@ import time
 from pathlib import Path
 
 POLICIES = ["kvzip", "kvcompress", "adakv", "cake", "snapkv", "streamingllm"]
+# Variants that exist only in this benchmark, to measure a design choice:
+# kvzip's scores with Ada-KV's split (equal layer quotas, the heads of a
+# layer ranked against each other) against kvzip's one ranking over all
+# layers and heads.
+VARIANTS = {"kvzip-within-layers": ("kvzip", {"layer_budgets": "equal"})}
+
+
+def register_variants(names: list[str]) -> None:
+    """Add the named benchmark-only policies to this process's engine (the
+    engine runs in-process here)."""
+    from dataclasses import replace
+
+    from vllm_kvcompress import config
+    from vllm_kvcompress.compression import policies
+
+    for name in names:
+        base, changes = VARIANTS[name]
+        policies.POLICIES[name] = replace(policies.POLICIES[base], name=name, **changes)
+        config.POLICIES = (*config.POLICIES, name)
 
 
 def run_task(task: str, length: int, cases_n: int, rates: list[float],
-             policies: list[str], out_dir: Path) -> Path:
+             policies: list[str], out_dir: Path, name: str | None = None) -> Path:
     # Room for every case's prompt in the prefix cache (40 cases of 4K tokens
     # of SmolLM2 take about 7 GiB), so configurations share their prefills.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "8")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read the scheduler's stats
     import vllm_kvcompress  # noqa: F401
     from tqdm import tqdm
+
+    register_variants([p for p in policies if p in VARIANTS])
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -56,7 +78,7 @@ def run_task(task: str, length: int, cases_n: int, rates: list[float],
     stats = llm.llm_engine.engine_core.engine_core.scheduler.stats
     max_tokens = 40 if task == "vartrack" else 12
     configs = [("full", 1.0)] + [(p, r) for r in rates for p in policies]
-    out = out_dir / f"{task}-{length}.json"
+    out = out_dir / f"{name or task}-{length}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for policy, rate in tqdm(configs, desc=f"{task} {length}"):
@@ -152,8 +174,10 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048])
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--policies", nargs="+", default=POLICIES)
+    parser.add_argument("--policies", nargs="+", default=POLICIES,
+                        choices=POLICIES + list(VARIANTS))
     parser.add_argument("--out", default="docs/results/quality")
+    parser.add_argument("--name", help="results file prefix (default: the task)")
     parser.add_argument("--report", action="store_true",
                         help="only render the tables and plots of earlier runs in --out")
     args = parser.parse_args()
@@ -162,7 +186,8 @@ def main() -> None:
         if args.task is None:
             parser.error("--task is required unless --report")
         for length in args.lengths:
-            run_task(args.task, length, args.cases, args.rates, args.policies, out_dir)
+            run_task(args.task, length, args.cases, args.rates, args.policies, out_dir,
+                     args.name)
     report(out_dir)
 
 

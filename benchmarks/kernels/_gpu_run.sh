@@ -14,3 +14,5 @@ SB=$(grep '^BEST {"ms"' $OUT/tune.log | sed 's/^BEST //' | python -c "import jso
 echo "paged=$PB stats=$SB"
 timeout 200 python benchmarks/kernels/bench_all.py --out $OUT/bench.md ${PB:+--paged-tuning "$PB"} ${SB:+--stats-tuning "$SB"} > $OUT/bench.log 2>&1; echo "bench rc=$?"
 cat $OUT/bench.md
+timeout 300 python benchmarks/kernels/bench_compression.py > $OUT/compression.json 2> $OUT/compression.log; echo "compression rc=$?"
+cat $OUT/compression.json

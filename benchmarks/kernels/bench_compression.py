@@ -1,0 +1,175 @@
+"""One compression of a long request through the engine's own ``Compressor``
+with the Triton ops (window statistics kernel, torch planning on the device,
+compaction kernel), as a share of one decode step's attention at batch 64.
+
+The CUDA path's compression, end to end, outside vLLM: the GPU machines have
+torch and Triton but no vLLM, so the package is imported without its plugin
+hook. Wall-clock milliseconds with the device synchronised, host work included
+(the planner reads a few sizes back to the host), median of a few runs; the
+decode step is the paged attention of every layer (no GEMMs).
+
+    python benchmarks/kernels/bench_compression.py [--tokens 32768] [--batch 64]
+        [--decode-tokens 4096] [--rate 8]
+    python benchmarks/kernels/bench_compression.py --smoke   # CPU, tiny, interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def import_engine_parts():
+    """``vllm_kvcompress``'s compression modules without the package's
+    ``__init__``, which registers the vLLM plugin and so needs vLLM."""
+    if "vllm_kvcompress" not in sys.modules:
+        package = types.ModuleType("vllm_kvcompress")
+        package.__path__ = [str(ROOT / "vllm_kvcompress")]
+        sys.modules["vllm_kvcompress"] = package
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _bench_utils import import_kernels
+
+    import_kernels()
+    from vllm_kvcompress.attention.ops.triton import TritonOps
+    from vllm_kvcompress.attention.pool_view import HeadBlockCache
+    from vllm_kvcompress.compression.compressor import Compressor, ObservationWindow
+    from vllm_kvcompress.config import KVCompressConfig
+    from vllm_kvcompress.head_table import HeadTable
+    from vllm_kvcompress.protocol import CompressOrder
+
+    return types.SimpleNamespace(**locals())
+
+
+def wall_ms(fn, sync, runs: int, setup=None) -> float:
+    times = []
+    for _ in range(runs + 1):  # the first run warms up
+        if setup is not None:
+            setup()
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times[1:])
+
+
+def run(shape: dict, device, dtype, runs: int) -> dict:
+    import numpy as np
+    import torch
+
+    parts = import_engine_parts()
+    ops = parts.TritonOps()
+    L, H, G, D, bs = (shape[k] for k in ("layers", "kv_heads", "group", "head_dim", "block"))
+    T, W = shape["tokens"], shape["window"]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    scale = 1 / math.sqrt(D)
+
+    # The request: every (layer, head) holds T KVs in shuffled head-blocks.
+    per_head = -(-T // bs)
+    blocks = L * H * per_head
+    buffer = torch.randn(blocks * bs * 2 * D, device=device).to(dtype)
+    pool = parts.HeadBlockCache(buffer, blocks, bs, D, dtype)
+    kv_metric = torch.zeros(blocks, bs, device=device)
+    kv_position = (torch.arange(per_head * bs, device=device, dtype=torch.int32)
+                   .view(per_head, bs).repeat(L * H, 1))
+    ids = torch.randperm(blocks).numpy().astype("int32")
+    kv_position[torch.from_numpy(ids).long().to(device)] = kv_position.clone()
+    compressor = parts.Compressor(
+        pool, kv_metric, kv_position, "row_major", scale, move_slots=ops.move_slots,
+        window_squared_attention=ops.window_squared_attention)
+    window = parts.ObservationWindow(
+        torch.randn(L, W, H * G, D, device=device).to(dtype),
+        torch.arange(T - W, T, device=device))
+    order = parts.CompressOrder(parts.KVCompressConfig(rate=shape["rate"], policy="kvcompress"),
+                                num_tokens=T, after_prompt=True, target_tokens=T)
+    tables = {}
+
+    def fresh_table():
+        table = parts.HeadTable(L, H, bs)
+        table.append_blocks(np.full((L, H), per_head), ids)
+        table.lens[:] = T
+        tables["now"] = table
+        kv_metric.zero_()
+
+    evicted = {}
+
+    def compress():
+        evicted["n"] = compressor.compress(tables["now"], window, order)
+
+    compress_ms = wall_ms(compress, sync, runs, setup=fresh_table)
+    fresh_table()
+    logical = torch.arange(T, device=device)
+    table_ids = torch.as_tensor(tables["now"].table, device=device).long()
+    slots = table_ids[:, :, logical // bs] * bs + logical % bs
+    lens = torch.full((L, H), T, dtype=torch.int64, device=device)
+    stats_ms = wall_ms(lambda: compressor._kernel_squared_attention(
+        tables["now"], window.queries, window.positions, slots, lens), sync, runs)
+
+    # One decode step's attention at the batch, per-head tables of decode_tokens.
+    B, N = shape["batch"], shape["decode_tokens"]
+    decode_blocks = B * H * -(-N // bs)
+    decode_pool = parts.HeadBlockCache(
+        torch.randn(decode_blocks * bs * 2 * D, device=device).to(dtype), decode_blocks, bs, D,
+        dtype)
+    decode_tables = torch.randperm(decode_blocks, device=device).to(torch.int32).view(B * H, -1)
+    import vllm_kvcompress_kernels as kernels
+    from vllm_kvcompress.attention.ops.triton import pool_views
+
+    query = torch.randn(B, H * G, D, device=device).to(dtype)
+    seq_lens = torch.full((B * H,), N, dtype=torch.int32, device=device)
+    starts = torch.arange(B + 1, dtype=torch.int32, device=device)
+    layer_ms = wall_ms(lambda: kernels.paged_attention(
+        query, *pool_views(decode_pool), decode_tables, seq_lens, starts, scale,
+        max_seq_len=N, max_query_len=1), sync, runs)
+    step_ms = layer_ms * L
+    return {**shape, "dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
+            "evicted_kvs": evicted["n"], "compress_ms": compress_ms, "stats_ms": stats_ms,
+            "decode_attention_ms": step_ms, "compress_share_of_decode_step": compress_ms / step_ms}
+
+
+def device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=4096)
+    parser.add_argument("--rate", type=float, default=8)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on CPU in Triton's interpreter: checks the script runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    if args.smoke:
+        shape = dict(layers=2, kv_heads=2, group=2, head_dim=32, block=16, tokens=96,
+                     window=8, rate=args.rate, batch=2, decode_tokens=48)
+        result = run(shape, torch.device("cpu"), torch.float32, runs=1)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_compression needs CUDA (or --smoke for a CPU check)")
+        shape = dict(layers=32, kv_heads=8, group=4, head_dim=128, block=16, tokens=args.tokens,
+                     window=32, rate=args.rate, batch=args.batch,
+                     decode_tokens=args.decode_tokens)
+        result = run(shape, torch.device("cuda"), torch.bfloat16, args.runs)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,10 @@ reduced over the window queries and the group's query heads into
 
 * ``sum_p  [N_rows, max_len]``  = sum p      per logical KV index of the head,
 * ``sum_p2 [N_rows, max_len]``  = sum p**2   (the KV-Compress L2 metric),
-* ``entropy [N_rows]``          = sum over queries of -sum_k p log p.
+* ``entropy [N_rows]``          = sum over queries of -sum_k p log p; with
+  ``entropy_before`` ([R] positions) only keys older than the request's
+  threshold count (CAKE's dispersion over the keys before the window; the
+  probabilities stay normalised over all visible keys).
 
 KVs are never repeated per query head: a program loads a tile of one head's keys
 once and scores it against all W*G queries of the group.  Accumulation is fp32.
@@ -87,6 +90,7 @@ def attention_stats_ref(
     kv_position: torch.Tensor,
     scale: float,
     max_len: int | None = None,
+    entropy_before: torch.Tensor | None = None,
 ) -> AttentionStats:
     """Plain-torch version of :func:`attention_stats` (same signature and result).
 
@@ -112,6 +116,7 @@ def attention_stats_ref(
     q = queries.reshape(r, w, h, g, d).permute(0, 2, 1, 3, 4).reshape(n_rows, w * g, d)
     qpos = query_positions.to(torch.int64).repeat_interleave(g, dim=1)  # [R, W*G]
     qpos = qpos.repeat_interleave(h, dim=0)  # [R*H, W*G]
+    limit = _entropy_limits(entropy_before, r, h, device)  # [R*H]
 
     # Keep one chunk's score tensor around 32M elements.
     chunk = max(1, (1 << 25) // max(1, w * g * cap))
@@ -128,9 +133,20 @@ def attention_stats_ref(
         p = torch.exp(s - lse) * vis
         sum_p[lo:hi, :cap] = p.sum(dim=1)
         sum_p2[lo:hi, :cap] = (p * p).sum(dim=1)
-        ent = torch.where(vis, p * (lse - s), torch.zeros_like(p))
+        counted = vis & (kpos[:, None, :] < limit[lo:hi, None, None])
+        ent = torch.where(counted, p * (lse - s), torch.zeros_like(p))
         entropy[lo:hi] = ent.sum(dim=(1, 2))
     return AttentionStats(sum_p[:, :max_len], sum_p2[:, :max_len], entropy)
+
+
+def _entropy_limits(entropy_before, r: int, h: int, device) -> torch.Tensor:
+    """Per row: keys at positions below this count toward the entropy."""
+    if entropy_before is None:
+        return torch.full((r * h,), torch.iinfo(torch.int64).max, dtype=torch.int64,
+                          device=device)
+    if tuple(entropy_before.shape) != (r,):
+        raise ValueError("entropy_before must be [R]")
+    return entropy_before.to(device=device, dtype=torch.int64).repeat_interleave(h)
 
 
 if HAS_TRITON:
@@ -204,7 +220,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _stats_pass2_kernel(
-        q_ptr, qpos_ptr, k_ptr, kvpos_ptr, bt_ptr, lens_ptr, lse_ptr,
+        q_ptr, qpos_ptr, k_ptr, kvpos_ptr, bt_ptr, lens_ptr, lse_ptr, limit_ptr,
         sum_p_ptr, sum_p2_ptr, ent_ptr,
         scale, n_q, num_kv_heads, n_q_pad, max_len, chunk, n_rows, n_chunks,
         s_qr, s_qw, s_qh, s_pr, s_pw, s_kp, s_kt, s_pp, s_pt, s_bt, s_out,
@@ -224,6 +240,7 @@ if HAS_TRITON:
             q_ptr, qpos_ptr, req, h, i, n_q, s_qr, s_qw, s_qh, s_pr, s_pw, G, D, BLOCK_D
         )
         lse = tl.load(lse_ptr + row.to(tl.int64) * n_q_pad + i, mask=qvalid, other=0.0)
+        limit = tl.load(limit_ptr + row)
         bt_row = bt_ptr + row.to(tl.int64) * s_bt
         out_row = (qt * n_rows + row).to(tl.int64)
         acc_e = tl.zeros([BLOCK_Q], tl.float32)
@@ -243,7 +260,8 @@ if HAS_TRITON:
             omask = nmask & (n < max_len)
             tl.store(sum_p_ptr + optr, tl.sum(p, axis=0), mask=omask)
             tl.store(sum_p2_ptr + optr, tl.sum(p * p, axis=0), mask=omask)
-            acc_e += tl.sum(-p * logp, axis=1)
+            counted = vis & (kpos[None, :] < limit)
+            acc_e += tl.sum(tl.where(counted, -p * logp, 0.0), axis=1)
         tl.store(ent_ptr + out_row * n_chunks + ck, tl.sum(acc_e, axis=0))
 
 
@@ -256,6 +274,7 @@ def attention_stats(
     kv_position: torch.Tensor,
     scale: float,
     max_len: int | None = None,
+    entropy_before: torch.Tensor | None = None,
 ) -> AttentionStats:
     """Per-KV attention statistics of window queries (Triton).
 
@@ -271,6 +290,8 @@ def attention_stats(
         scale: softmax scale.
         max_len: width of the ``sum_p``/``sum_p2`` outputs (default: table capacity
             ``max_blocks * block_size``); must be >= ``max(seq_lens)``.
+        entropy_before: ``[R]`` positions; when given, only keys at positions below
+            the request's count toward ``entropy`` (default: every visible key).
 
     Returns:
         ``AttentionStats(sum_p [R*H, max_len], sum_p2 [R*H, max_len], entropy [R*H])``,
@@ -338,8 +359,9 @@ def attention_stats(
         part_p = torch.zeros(n_qt, n_rows, max_len, dtype=torch.float32, device=device)
         part_p2 = torch.zeros_like(part_p)
     ent_part = torch.empty(n_qt, n_rows, n_chunks, dtype=torch.float32, device=device)
+    limit = _entropy_limits(entropy_before, r, h, device)
     _stats_pass2_kernel[(n_rows, n_chunks, n_qt)](
-        queries, query_positions, key_cache, kv_position, bt, lens, lse.contiguous(),
+        queries, query_positions, key_cache, kv_position, bt, lens, lse.contiguous(), limit,
         part_p, part_p2, ent_part,
         float(scale), n_q, h, n_q_pad, max_len, chunk, n_rows, n_chunks,
         *common_strides, max_len, **consts, num_warps=num_warps,

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_kvcompress.compression.cake import layer_statistics, preference_weights
+from vllm_kvcompress.compression.cake import (
+    layer_statistics as statistics_from_sums,
+    preference_weights,
+    window_sums,
+)
 from vllm_kvcompress.compression.layer_budgets import (
     allocate,
     plan_by_layer,
@@ -18,6 +22,12 @@ from vllm_kvcompress.compression.metrics import window_attention
 from vllm_kvcompress.compression.planner import EvictionPlan, evictable_mask, plan_variable
 
 SCALE = 0.4
+
+
+def layer_statistics(probs, key_positions, lens, query_positions, gamma):
+    """CAKE's statistics from window probabilities, as the torch path runs them."""
+    return statistics_from_sums(window_sums(probs, key_positions, lens, query_positions),
+                                key_positions, lens, query_positions, gamma)
 
 
 def attention_case(seed, num_heads=3, group=2, width=16, dim=6):

@@ -45,7 +45,7 @@ def kept_sets(result) -> list:
 
 
 @pytest.mark.parametrize("ops, policy", [("triton", "kvcompress"), ("triton", "snapkv"),
-                                         ("flash-reference", "kvcompress")])
+                                         ("triton", "cake"), ("flash-reference", "kvcompress")])
 def test_cuda_path_ops_evict_as_the_cpu_path(tiny_llama, tmp_path, ops, policy):
     """At rate 8 the CUDA path's ops (the Triton statistics kernel scores
     the window, Triton or the FlashAttention view attends, Triton compacts)

@@ -85,7 +85,7 @@ def run(shape: dict, device, dtype, runs: int) -> dict:
     kv_position[torch.from_numpy(ids).long().to(device)] = kv_position.clone()
     compressor = parts.Compressor(
         pool, kv_metric, kv_position, "row_major", scale, move_slots=ops.move_slots,
-        window_squared_attention=ops.window_squared_attention)
+        window_statistics=ops.window_statistics)
     window = parts.ObservationWindow(
         torch.randn(L, W, H * G, D, device=device).to(dtype),
         torch.arange(T - W, T, device=device))
@@ -107,12 +107,10 @@ def run(shape: dict, device, dtype, runs: int) -> dict:
 
     compress_ms = wall_ms(compress, sync, runs, setup=fresh_table)
     fresh_table()
-    logical = torch.arange(T, device=device)
-    table_ids = torch.as_tensor(tables["now"].table, device=device).long()
-    slots = table_ids[:, :, logical // bs] * bs + logical % bs
-    lens = torch.full((L, H), T, dtype=torch.int64, device=device)
-    stats_ms = wall_ms(lambda: compressor._kernel_squared_attention(
-        tables["now"], window.queries, window.positions, slots, lens), sync, runs)
+    lens, _, slots = compressor.request_slots(tables["now"])
+    stats_ms = wall_ms(lambda: compressor._kernel_statistics(
+        tables["now"], window.queries, window.positions, slots, lens, per_group=False),
+        sync, runs)
 
     # One decode step's attention at the batch, per-head tables of decode_tokens.
     B, N = shape["batch"], shape["decode_tokens"]

@@ -37,13 +37,13 @@ def make_case(bs, g, dtype, d=32, w=4, h=2, seed=0):
     return pool, queries, qpos.to(DEVICE)
 
 
-def call(fn, pool, queries, qpos, scale, max_len=None):
+def call(fn, pool, queries, qpos, scale, max_len=None, entropy_before=None):
     kc, _ = pool["kv"][0, :, :, 0, :], None
     return fn(queries, qpos, kc, pool["block_tables"], pool["seq_lens"], pool["kv_position"],
-              scale, max_len=max_len)
+              scale, max_len=max_len, entropy_before=entropy_before)
 
 
-def naive(pool, queries, qpos, scale, max_len):
+def naive(pool, queries, qpos, scale, max_len, entropy_before=None):
     """Independent float64 oracle: loop over rows and queries, dense softmax."""
     r, w, hq, d = queries.shape
     n_rows = pool["block_tables"].shape[0]
@@ -67,7 +67,10 @@ def naive(pool, queries, qpos, scale, max_len):
                 p = torch.softmax(s, dim=0)
                 sum_p[row, : len(p)] += p
                 sum_p2[row, : len(p)] += p * p
-                ent[row] -= torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum()
+                counted = p > 0
+                if entropy_before is not None:
+                    counted &= kpos < int(entropy_before[req])
+                ent[row] -= torch.where(counted, p * torch.log(p), torch.zeros_like(p)).sum()
     return sum_p, sum_p2, ent
 
 
@@ -106,6 +109,37 @@ def test_triton_matches_reference(bs, g, dtype):
     lens = pool["seq_lens"].long()
     idx = torch.arange(got.sum_p.shape[1], device=lens.device)
     assert float(got.sum_p[idx[None, :] >= lens[:, None]].abs().sum()) == 0.0
+
+
+def older_than(qpos):
+    """Per request, a threshold inside its window's positions (CAKE's use:
+    entropy over the keys before the window)."""
+    return qpos.clamp(min=0).amin(dim=1) + 3
+
+
+@pytest.mark.parametrize("g", [1, 4])
+def test_reference_entropy_before_matches_naive(g):
+    pool, queries, qpos = make_case(16, g, torch.float32, seed=5 + g)
+    before = older_than(qpos)
+    max_len = pool["block_tables"].shape[1] * 16
+    got = call(K.attention_stats_ref, pool, queries, qpos, 0.3, entropy_before=before)
+    exp = naive(pool, queries, qpos, 0.3, max_len, entropy_before=before)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a.cpu().double(), b, atol=2e-6, rtol=1e-5)
+    full = call(K.attention_stats_ref, pool, queries, qpos, 0.3)
+    assert bool((got.entropy < full.entropy - 1e-4).any())  # the threshold bites
+
+
+@pytest.mark.skipif(not _READY, reason=_WHY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_entropy_before_matches_reference(dtype):
+    pool, queries, qpos = make_case(16, 4, dtype, seed=13)
+    before = older_than(qpos)
+    got = call(K.attention_stats, pool, queries, qpos, 0.2, entropy_before=before)
+    exp = call(K.attention_stats_ref, pool, queries, qpos, 0.2, entropy_before=before)
+    atol, rtol = TOL[dtype]
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, atol=atol * max(1.0, float(b.abs().max())), rtol=rtol)
 
 
 @pytest.mark.skipif(not _READY, reason=_WHY)

@@ -29,38 +29,55 @@ class LayerStats:
     shift: float  # temporal shift V_l
 
 
-def _query_variance(probs: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance across the window queries (dim 2); 0 when there is
-    a single query, where it is undefined."""
-    if probs.shape[2] < 2:
-        return torch.zeros_like(probs.sum(2))
-    return probs.var(dim=2, correction=1)
+@dataclass
+class WindowSums:
+    """One layer's window attention reduced over its queries: what CAKE's
+    statistics need, from the probabilities (torch) or the statistics
+    kernel alike."""
+
+    sum_p: torch.Tensor  # [H, G, M] sum over the window queries of p
+    sum_p2: torch.Tensor  # [H, G, M] sum of p**2
+    entropy: float  # -sum p log p over the queries and the keys older than the window
+    num_queries: int
 
 
-def layer_statistics(probs: torch.Tensor, key_positions: torch.Tensor,
-                     lens: torch.Tensor, query_positions: torch.Tensor,
-                     gamma: float) -> LayerStats:
-    """CAKE's statistics of one layer of one request.
-
-    probs [H, G, W, M] from ``window_attention`` (only real window queries);
-    key_positions [H, M]; lens [H]; query_positions [W]. Entropy and shift
-    use the window queries against the keys older than the window, with the
-    probabilities left as they are (not renormalised), as the reference
-    does. The indicator covers every held KV.
-    """
+def window_sums(probs: torch.Tensor, key_positions: torch.Tensor, lens: torch.Tensor,
+                query_positions: torch.Tensor) -> WindowSums:
+    """``WindowSums`` of ``window_attention``'s probabilities [H, G, W, M]
+    (only real window queries). The entropy leaves the probabilities as they
+    are (not renormalised over the older keys), as the reference does."""
     probs = probs.double()
-    held = torch.arange(probs.shape[-1])[None, :] < lens[:, None]  # [H, M]
+    held = torch.arange(probs.shape[-1], device=lens.device)[None, :] < lens[:, None]
     older = (held & (key_positions < query_positions.min()))[:, None, None, :]
     prefix = probs * older
     entropy = -(prefix * torch.log(prefix + LOG_EPS)).sum()
-    variance = _query_variance(probs)  # [H, G, M]
-    shift = (variance * older[:, :, 0]).sum()
-    indicator = (probs.mean(dim=2) + gamma * variance) * held[:, None]
+    return WindowSums(probs.sum(dim=2), probs.square().sum(dim=2), float(entropy),
+                      probs.shape[2])
+
+
+def layer_statistics(sums: WindowSums, key_positions: torch.Tensor, lens: torch.Tensor,
+                     query_positions: torch.Tensor, gamma: float) -> LayerStats:
+    """CAKE's statistics of one layer of one request.
+
+    key_positions [H, M]; lens [H]; query_positions [W]. The shift sums the
+    variance across queries (unbiased; 0 for a single query, where it is
+    undefined) over the keys older than the window; the indicator covers
+    every held KV.
+    """
+    n = sums.num_queries
+    sum_p, sum_p2 = sums.sum_p.double(), sums.sum_p2.double()
+    mean = sum_p / n
+    variance = ((sum_p2 - sum_p * mean) / (n - 1)).clamp(min=0) if n > 1 else (
+        torch.zeros_like(sum_p))  # [H, G, M]
+    held = torch.arange(sum_p.shape[-1], device=lens.device)[None, :] < lens[:, None]
+    older = held & (key_positions < query_positions.min())
+    shift = (variance * older[:, None, :]).sum()
+    indicator = (mean + gamma * variance) * held[:, None]
     pooled = pool_by_position(
         indicator, key_positions, lens,
         lambda x: F.avg_pool1d(x, POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2))
     pooled = pooled.mean(dim=1) * held  # padding counts as 0, like the pool's own
-    return LayerStats(pooled.float(), float(entropy), float(shift))
+    return LayerStats(pooled.float(), sums.entropy, float(shift))
 
 
 def preference_weights(entropy: np.ndarray, shift: np.ndarray,

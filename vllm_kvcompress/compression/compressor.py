@@ -13,7 +13,7 @@ import torch
 from ..attention.pool_view import HeadBlockCache
 from ..head_table import HeadTable
 from .budget import eviction_budget, kept_target
-from .cake import layer_statistics, preference_weights
+from .cake import WindowSums, layer_statistics, preference_weights, window_sums
 from ..attention.ops.moves import apply_moves
 from .compaction import slot_moves
 from .layer_budgets import layer_weights, plan_by_layer
@@ -80,7 +80,7 @@ class Compressor:
     def __init__(self, pool: HeadBlockCache, kv_metric: torch.Tensor,
                  kv_position: torch.Tensor, layout: str, scale: float, seed: int = 0,
                  move_slots=apply_moves, sum_over_ranks=lambda values: values,
-                 window_squared_attention=None):
+                 window_statistics=None):
         self.pool = pool
         self.slot_metric, self.slot_position = kv_metric, kv_position  # [P, bs]
         self.kv_metric = kv_metric.view(-1)
@@ -89,9 +89,9 @@ class Compressor:
         self.scale = scale
         self.rng = torch.Generator(device=pool.kv.device).manual_seed(seed)
         self.move_slots = move_slots  # the attention ops' compaction
-        # The ops' fused statistics kernel for KV-Compress's metric (reads the
-        # pool in place, all layers at once); None: torch, one layer at a time.
-        self.window_squared_attention = window_squared_attention
+        # The ops' statistics kernel (reads the pool in place, all layers of
+        # a request in one call); None: torch, one layer at a time.
+        self.window_statistics = window_statistics
         # With tensor parallelism this rank holds some of the KV heads; CAKE's
         # layer statistics (sums over heads) are summed over all ranks so
         # every rank splits its budget over layers as one engine would.
@@ -113,26 +113,20 @@ class Compressor:
         for the "reconstruction" metric (the worker's kvzip pass)."""
         settings = order.settings
         policy = POLICIES[settings.policy]
-        device = self.kv_metric.device
-        lens = torch.as_tensor(table.lens, dtype=torch.int64, device=device)
-        width = int(table.lens.max())
-        if width == 0:
+        if int(table.lens.max()) == 0:
             return 0
-        logical = torch.arange(width, device=device)
-        in_head = logical < lens[..., None]
-        ids = torch.as_tensor(table.table, device=device).long()
-        blocks = ids[:, :, logical // table.block_size]
-        slots = torch.where(in_head, blocks * table.block_size + logical % table.block_size, 0)
+        lens, in_head, slots = self.request_slots(table)
         positions = self.kv_position[slots]
 
-        metric, preference = torch.zeros(slots.shape, dtype=torch.float64, device=device), None
+        metric = torch.zeros(slots.shape, dtype=torch.float64, device=slots.device)
+        preference = None
         if policy.metric == "reconstruction":
             if reconstruct is None:
                 raise RuntimeError(f"policy {policy.name} needs a reconstruction pass")
             metric = self._raise_metric(reconstruct(table, slots), slots, in_head)
         elif policy.metric is not None:
-            metric, preference = self._update_metric(policy, table, window, slots,
-                                                     lens, order)
+            metric, preference = self.update_metric(policy, table, window, slots,
+                                                    lens, order)
         scores = policy.scores(metric, positions, self.rng)
         plan = make_plan(settings, scores, positions, lens, order.num_tokens,
                          order.target_tokens, table.block_size, preference)
@@ -145,6 +139,20 @@ class Compressor:
         table.truncate(plan.new_lens.cpu().numpy())
         return int((lens - plan.new_lens).sum())
 
+    def request_slots(self, table: HeadTable
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On the pool's device: the request's lengths [L, H], which logical
+        indices each head holds [L, H, M] and their slots [L, H, M] (0 past
+        a head's length), M the widest head."""
+        device = self.kv_metric.device
+        lens = torch.as_tensor(table.lens, dtype=torch.int64, device=device)
+        logical = torch.arange(int(table.lens.max()), device=device)
+        in_head = logical < lens[..., None]
+        ids = torch.as_tensor(table.table, device=device).long()
+        blocks = ids[:, :, logical // table.block_size]
+        slots = torch.where(in_head, blocks * table.block_size + logical % table.block_size, 0)
+        return lens, in_head, slots
+
     def _raise_metric(self, fresh: torch.Tensor, slots: torch.Tensor,
                       in_head: torch.Tensor) -> torch.Tensor:
         """Raise the held KVs' stored metric to ``fresh`` [L, H, M] where
@@ -154,9 +162,9 @@ class Compressor:
         self.kv_metric[where] = torch.maximum(self.kv_metric[where], fresh[in_head])
         return self.kv_metric[slots]
 
-    def _update_metric(self, policy, table: HeadTable, window: ObservationWindow,
-                       slots: torch.Tensor, lens: torch.Tensor, order
-                       ) -> tuple[torch.Tensor, np.ndarray | None]:
+    def update_metric(self, policy, table: HeadTable, window: ObservationWindow,
+                      slots: torch.Tensor, lens: torch.Tensor, order
+                      ) -> tuple[torch.Tensor, np.ndarray | None]:
         """Score each KV from this window's attention into its stored metric;
         returns the metric and, for CAKE, each layer's preference weight."""
         seen = window.positions >= 0
@@ -166,9 +174,9 @@ class Compressor:
         if policy.metric == "cake":
             return self._cake_metric(table, queries, query_positions, slots, lens,
                                      valid, order.settings)
-        if self.window_squared_attention is not None:
-            fresh = self._kernel_squared_attention(table, queries, query_positions,
-                                                   slots, lens)
+        if self.window_statistics is not None:
+            fresh = self._kernel_statistics(table, queries, query_positions, slots, lens,
+                                            per_group=False).sum_p2
         else:
             fresh = torch.stack([
                 squared_attention(window_attention(*self._layer_inputs(
@@ -195,21 +203,39 @@ class Compressor:
         return (keys, self.kv_position[slots[layer]], lens[layer], q, query_positions,
                 self.scale)
 
-    def _kernel_squared_attention(self, table: HeadTable, queries: torch.Tensor,
-                                  query_positions: torch.Tensor, slots: torch.Tensor,
-                                  lens: torch.Tensor) -> torch.Tensor:
-        """KV-Compress's metric [L, H, M] for every layer in one call of the
-        ops' kernel, which reads the keys in place in the pool (layers are
-        the kernel's requests, so each (layer, head) is one row)."""
+    def _kernel_statistics(self, table: HeadTable, queries: torch.Tensor,
+                           query_positions: torch.Tensor, slots: torch.Tensor,
+                           lens: torch.Tensor, per_group: bool):
+        """The ops' statistics kernel over every layer in one call. Layers are
+        the kernel's requests, so each (layer, head) is one row and the sums
+        ``[L, H, M]`` cover the GQA group; ``per_group`` makes each (layer,
+        group head) a request instead, for sums ``[L, H, G, M]`` and
+        entropies ``[L, G, H]`` over the keys older than the window (CAKE)."""
         num_layers, num_heads, width = slots.shape
         num_blocks = -(-width // table.block_size)
         block_tables = torch.as_tensor(table.table[:, :, :num_blocks], device=slots.device)
-        block_tables = block_tables.to(torch.int32).reshape(num_layers * num_heads, -1)
-        positions = query_positions.view(1, -1).expand(num_layers, -1).contiguous()
-        sum_p2 = self.window_squared_attention(
-            self.pool, queries.contiguous(), positions, block_tables,
-            lens.to(torch.int32).flatten(), self.slot_position, self.scale, width)
-        return sum_p2.view(num_layers, num_heads, width)
+        block_tables = block_tables.to(torch.int32)  # [L, H, nb]
+        seq_lens = lens.to(torch.int32)
+        num_queries = len(query_positions)
+        if per_group:  # [L, W, H*G, D] -> [L*G, W, H, D]: G requests per layer
+            group = queries.shape[2] // num_heads
+            queries = queries.reshape(num_layers, num_queries, num_heads, group, -1)
+            queries = queries.permute(0, 3, 1, 2, 4).reshape(
+                num_layers * group, num_queries, num_heads, -1)
+            block_tables = block_tables[:, None].expand(-1, group, -1, -1)
+            seq_lens = seq_lens[:, None].expand(-1, group, -1)
+        requests = queries.shape[0]
+        positions = query_positions.view(1, -1).expand(requests, -1).contiguous()
+        before = query_positions.min().expand(requests) if per_group else None
+        stats = self.window_statistics(
+            self.pool, queries.contiguous(), positions,
+            block_tables.reshape(-1, num_blocks), seq_lens.reshape(-1), self.slot_position,
+            self.scale, width, entropy_before=before)
+        if not per_group:
+            return type(stats)(*(x.view(num_layers, num_heads, *x.shape[1:]) for x in stats))
+        sums = [x.view(num_layers, -1, num_heads, width).transpose(1, 2)
+                for x in (stats.sum_p, stats.sum_p2)]
+        return type(stats)(*sums, stats.entropy.view(num_layers, -1, num_heads))
 
     def _cake_metric(self, table: HeadTable, queries: torch.Tensor,
                      query_positions: torch.Tensor, slots: torch.Tensor,
@@ -218,11 +244,23 @@ class Compressor:
         """CAKE's indicator into the stored metric, and the layers' weights
         (host numbers, one per layer)."""
         num_layers = slots.shape[0]
+        if self.window_statistics is not None:
+            stats = self._kernel_statistics(table, queries, query_positions, slots, lens,
+                                            per_group=True)
+            entropies = stats.entropy.sum(dim=(1, 2)).tolist()
+            sums = [WindowSums(stats.sum_p[layer], stats.sum_p2[layer], entropies[layer],
+                               len(query_positions)) for layer in range(num_layers)]
+        else:
+            sums = []
+            for layer in range(num_layers):
+                inputs = self._layer_inputs(table, queries, query_positions, slots, lens,
+                                            layer)
+                sums.append(window_sums(window_attention(*inputs), inputs[1], lens[layer],
+                                        query_positions))
         entropy, shift = np.zeros(num_layers), np.zeros(num_layers)
         for layer in range(num_layers):
-            inputs = self._layer_inputs(table, queries, query_positions, slots, lens, layer)
-            stats = layer_statistics(window_attention(*inputs), inputs[1], lens[layer],
-                                     query_positions, settings.cake_gamma)
+            stats = layer_statistics(sums[layer], self.kv_position[slots[layer]],
+                                     lens[layer], query_positions, settings.cake_gamma)
             entropy[layer], shift[layer] = stats.entropy, stats.shift
             # Replaced, not added: a variance across queries does not add up
             # over windows, and CAKE judges KVs by the latest window alone (a

@@ -72,7 +72,7 @@ class HeadPagedRunnerMixin:
             impl.ops.key_layout(shape.block_size, spec.head_size, spec.dtype),
             impl.scale, move_slots=impl.ops.move_slots,
             sum_over_ranks=self.rank_slice.sum_over_ranks,
-            window_squared_attention=getattr(impl.ops, "window_squared_attention", None))
+            window_statistics=getattr(impl.ops, "window_statistics", None))
         self.windows = WindowStore(
             shape.num_layers, impl.num_heads, spec.head_size,
             self.kv_compress.window, spec.dtype)

@@ -9,8 +9,8 @@ attend, move slots (compaction), and where K sits inside a head-block.
 - ``flash-reference``: the same with a plain-torch stand-in for
   FlashAttention (tests of that view on CPU, with ``TRITON_INTERPRET=1``);
 - ``torch``: plain torch, the oracle.
-Window statistics run in torch (``compression/metrics.py``), except that the
-Triton ops also bring the statistics kernel for KV-Compress's metric.
+Window statistics run in torch (``compression/metrics.py``, ``cake.py``),
+except that the Triton ops bring the statistics kernel for them.
 ``VLLM_KVCOMPRESS_OPS`` picks one for the engine (tests and debugging).
 """
 

@@ -43,16 +43,16 @@ class TritonOps:
             meta.request_query_start_loc, scale, out=output[:t],
             max_seq_len=int(seq_lens.max()) if seq_lens.numel() else 1)
 
-    def window_squared_attention(self, pool: HeadBlockCache, queries, query_positions,
-                                 block_tables, seq_lens, kv_position, scale: float,
-                                 width: int) -> torch.Tensor:
-        """KV-Compress's metric (squared probabilities summed over the window
-        and the GQA group) per logical KV of every row, ``[N_rows, width]``:
-        the statistics kernel reading the keys in place in the pool."""
-        stats = _kernels().attention_stats(
+    def window_statistics(self, pool: HeadBlockCache, queries, query_positions,
+                          block_tables, seq_lens, kv_position, scale: float, width: int,
+                          entropy_before=None):
+        """The statistics kernel over keys read in place in the pool: per
+        logical KV of every row, the window's probabilities summed (and
+        squared and summed) over its queries and the group's query heads,
+        and each row's entropy (``AttentionStats``)."""
+        return _kernels().attention_stats(
             queries, query_positions, pool_views(pool)[0], block_tables, seq_lens,
-            kv_position, scale, max_len=width)
-        return stats.sum_p2
+            kv_position, scale, max_len=width, entropy_before=entropy_before)
 
     def key_layout(self, block_size: int, head_dim: int, dtype: torch.dtype) -> str:
         return "row_major"

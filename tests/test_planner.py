@@ -165,7 +165,7 @@ def test_head_floor_keeps_each_heads_best_kvs():
     lens = np.array([[6, 5]])
     plain = plan_variable(scores, lens, block_size=1, max_evict=5)
     assert plain.new_lens[0, 0] == 3  # only the sink KV and the protected pair
-    floored = keep_best(scores, 2)
+    floored = keep_best(scores, 2).numpy()
     assert np.isinf(floored[0, 0, :4]).tolist() == [True, False, False, True]
     assert np.isinf(floored[0, 1, [2, 4]]).all()  # head 1's two best
     plan = plan_variable(floored, lens, block_size=1, max_evict=5)

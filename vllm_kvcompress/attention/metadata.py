@@ -31,13 +31,25 @@ class HeadPagedMetadata:
     # token-major view; None when every request has one query (decode).
     head_major_rows: torch.Tensor | None
     layer_index: dict[str, int]
-    # Most queries any request has this step (host int: no device sync).
+    # Most queries any request has this step (a host int, so kernels need
+    # not read it back from the device).
     max_query_len: int = 1
     # Query rows to keep for the observation windows (None: none this step).
     capture: "QueryCapture | None" = None
     # Per-layer values derived lazily by the attention path (e.g. the C++
     # kernel's work split), shared by layers whose lengths are equal.
     layer_cache: dict = field(default_factory=dict)
+
+    def max_seq_len(self, layer: int) -> int:
+        """The longest head of ``layer`` (at least 1). Every layer's maximum
+        is read to the host once per step, not once per layer (on a GPU
+        each read is a sync)."""
+        longest = self.layer_cache.get("max_seq_lens")
+        if longest is None:
+            lens = self.seq_lens
+            longest = lens.amax(dim=1).tolist() if lens.shape[1] else [0] * lens.shape[0]
+            self.layer_cache["max_seq_lens"] = longest
+        return max(longest[layer], 1)
 
     def to_head_major(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H*G, D] token-major -> [T*H, G, D] grouped by (request, head)."""

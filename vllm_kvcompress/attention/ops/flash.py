@@ -78,7 +78,7 @@ class FlashOps(TritonOps):
         self.varlen(
             q=q, k=key_cache, v=value_cache,
             max_seqlen_q=meta.max_query_len, cu_seqlens_q=meta.query_start_loc,
-            max_seqlen_k=max(int(seq_lens.max()), 1), seqused_k=seq_lens,
+            max_seqlen_k=meta.max_seq_len(layer), seqused_k=seq_lens,
             block_table=meta.block_tables[layer], softmax_scale=scale, causal=True,
             out=heads_out, scheduler_metadata=None, **version)
         meta.store_token_major(output, heads_out)

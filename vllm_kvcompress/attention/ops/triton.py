@@ -41,7 +41,7 @@ class TritonOps:
         _kernels().paged_attention(
             query[:t], *pool_views(pool), meta.block_tables[layer], seq_lens,
             meta.request_query_start_loc, scale, out=output[:t],
-            max_seq_len=int(seq_lens.max()) if seq_lens.numel() else 1)
+            max_seq_len=meta.max_seq_len(layer), max_query_len=meta.max_query_len)
 
     def window_statistics(self, pool: HeadBlockCache, queries, query_positions,
                           block_tables, seq_lens, kv_position, scale: float, width: int,

@@ -3,7 +3,9 @@
 Random sequences of the row operations vLLM's InputBatch performs (add,
 clear, move, swap) interleaved with grants, token steps and compressions,
 checked after every operation against one plain ``HeadTable`` per request
-(the class the scheduler keeps its books with)."""
+(the class the scheduler keeps its books with). With a separate device copy
+(as on a GPU; here a second CPU copy) the copy the kernels read must equal
+the host books after every operation too."""
 
 import numpy as np
 import pytest
@@ -19,9 +21,10 @@ LAYERS, HEADS, BS, ROWS = 3, 2, 4, 6
 class Model:
     """The reference: per-request HeadTables and which row holds whom."""
 
-    def __init__(self, rng):
+    def __init__(self, rng, separate_device_copy=False):
         self.rng = rng
-        self.tables = BatchHeadTables(LAYERS, HEADS, BS, ROWS, width=2)
+        self.tables = BatchHeadTables(LAYERS, HEADS, BS, ROWS, width=2,
+                                      separate_device_copy=separate_device_copy)
         self.ref: dict[str, HeadTable] = {}
         self.rows: list[str | None] = [None] * ROWS
         self.next_id = 0
@@ -40,6 +43,16 @@ class Model:
         for row, req_id in enumerate(self.rows):
             if req_id is not None:
                 assert self.tables.row_of[req_id] == row
+        self.check_device_copy()
+
+    def check_device_copy(self):
+        """What the kernels read: every batch row's lengths, and its table
+        entries up to its block count."""
+        tables = self.tables
+        assert (tables.device_table is tables.table) != tables.mirrored
+        assert torch.equal(tables.device_lens, tables.lens)
+        held = torch.arange(tables.width) < tables.nblocks[..., None]
+        assert torch.equal(tables.device_table[held], tables.table[held])
 
     def grant(self, req_id, fresh=False):
         counts = self.rng.integers(0, 3, size=(LAYERS, HEADS))
@@ -104,9 +117,10 @@ class Model:
         self.check()
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_rows_follow_the_batch(seed):
-    model = Model(np.random.default_rng(seed))
+@pytest.mark.parametrize("separate_device_copy", [False, True])
+@pytest.mark.parametrize("seed", range(12))
+def test_rows_follow_the_batch(seed, separate_device_copy):
+    model = Model(np.random.default_rng(seed), separate_device_copy)
     for _ in range(300):
         model.step()
 

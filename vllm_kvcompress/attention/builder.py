@@ -73,22 +73,25 @@ def build_metadata(inputs: StepInputs, num_reqs: int,
     queries start at ``query_start_loc`` (token-major, per request)."""
     tables = inputs.tables
     heads = tables.num_kv_heads
-    starts = query_start_loc[: num_reqs + 1].numpy()
+    device = inputs.pool.kv.device
+    request_starts = query_start_loc[: num_reqs + 1]
+    starts = request_starts.numpy()
     num_tokens = np.diff(starts)
     per_head = np.repeat(num_tokens, heads)
     head_starts = np.zeros(len(per_head) + 1, dtype=np.int32)
     np.cumsum(per_head, out=head_starts[1:])
     block_tables, seq_lens = tables.layer_views(num_reqs)
+    rows = (head_major_rows(num_tokens, heads).to(device)
+            if num_tokens.size and num_tokens.max() > 1 else None)
     return HeadPagedMetadata(
         pool=inputs.pool,
         num_actual_tokens=int(starts[-1]),
         num_kv_heads=heads,
         block_tables=block_tables,
         seq_lens=seq_lens,
-        query_start_loc=torch.from_numpy(head_starts),
-        request_query_start_loc=query_start_loc[: num_reqs + 1],
-        head_major_rows=(head_major_rows(num_tokens, heads)
-                         if num_tokens.size and num_tokens.max() > 1 else None),
+        query_start_loc=torch.from_numpy(head_starts).to(device),
+        request_query_start_loc=request_starts.to(device),
+        head_major_rows=rows,
         layer_index=inputs.layer_index,
         max_query_len=int(num_tokens.max()) if num_tokens.size else 0,
         capture=inputs.capture,

@@ -29,7 +29,7 @@ def window_attention(
     get probability 0.
     """
     scores = torch.einsum("whgd,hmd->hgwm", queries.float(), keys.float()) * scale
-    in_head = torch.arange(keys.shape[1])[None, :] < lens[:, None]  # [H, M]
+    in_head = torch.arange(keys.shape[1], device=lens.device)[None, :] < lens[:, None]  # [H, M]
     causal = key_positions[:, None, :] <= query_positions[None, :, None]  # [H, W, M]
     visible = (in_head[:, None, :] & causal)[:, None]  # [H, 1, W, M]
     scores = scores.masked_fill(~visible, float("-inf"))
@@ -51,7 +51,7 @@ def pool_by_position(values: torch.Tensor, key_positions: torch.Tensor,
     head's KVs out of position order, so neighbours are found by sorting on
     position; padding sorts last.
     """
-    held = torch.arange(values.shape[-1])[None, :] < lens[:, None]
+    held = torch.arange(values.shape[-1], device=lens.device)[None, :] < lens[:, None]
     last = torch.iinfo(torch.int64).max
     order = torch.argsort(torch.where(held, key_positions.long(), last), dim=-1)
     middle = values.shape[1:-1]
@@ -65,7 +65,7 @@ def max_pool_keys(metric: torch.Tensor, key_positions: torch.Tensor,
                   lens: torch.Tensor, kernel: int = 7) -> torch.Tensor:
     """SnapKV-style max-pooling of [H, M] along each head's KVs, neighbours
     by token position; padding never wins and stays 0."""
-    in_head = torch.arange(metric.shape[1])[None, :] < lens[:, None]
+    in_head = torch.arange(metric.shape[1], device=lens.device)[None, :] < lens[:, None]
     padded = metric.masked_fill(~in_head, float("-inf"))
     pooled = pool_by_position(
         padded, key_positions, lens,

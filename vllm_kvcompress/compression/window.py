@@ -5,7 +5,8 @@ backend a capture buffer; the backend copies each layer's rows into it during
 the forward; ``absorb()`` then files the whole step into the ring buffers with
 one indexed write. The rings of all requests live in one tensor (a slot per
 request, grown by doubling), so a decode step costs a fixed number of tensor
-operations however many requests it carries.
+operations however many requests it carries. The rings live on the model's
+device; which rows to keep is host arithmetic, uploaded once per step.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from .compressor import ObservationWindow
 
 class WindowStore:
     def __init__(self, num_layers: int, num_query_heads: int, head_dim: int,
-                 size: int, dtype: torch.dtype):
+                 size: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.size = size
         self.dtype = dtype
+        self.device = torch.device(device)
         self.layer_shape = (num_layers, num_query_heads, head_dim)
         # [slots, L, size, Hq, D] queries and [slots, size] positions (-1: empty).
         self.queries = torch.zeros((0, num_layers, size, num_query_heads, head_dim),
-                                   dtype=dtype)
-        self.positions = torch.full((0, size), -1, dtype=torch.int64)
+                                   dtype=dtype, device=self.device)
+        self.positions = torch.full((0, size), -1, dtype=torch.int64, device=self.device)
         self.written = np.zeros(0, dtype=np.int64)
         self.slot_of: dict[str, int] = {}
         self._free: list[int] = []
@@ -59,12 +61,15 @@ class WindowStore:
                               counts) + rank
         ring = (self.written[slots][owner] + rank) % self.size
         self.written[slots] += counts
-        self._pending = (torch.from_numpy(slots[owner]), torch.from_numpy(ring),
-                         torch.from_numpy(positions))
+        # One upload: the rows to capture, and where each goes in the rings.
+        index = torch.from_numpy(np.stack([slots[owner], ring, positions, rows]))
+        slot_of_row, ring, positions, rows = index.to(self.device)
+        self._pending = (slot_of_row, ring, positions)
         num_layers, heads, dim = self.layer_shape
         return QueryCapture(
-            rows=torch.from_numpy(rows),
-            queries=torch.empty((num_layers, rows.size, heads, dim), dtype=self.dtype))
+            rows=rows,
+            queries=torch.empty((num_layers, rows.numel(), heads, dim), dtype=self.dtype,
+                                device=self.device))
 
     def absorb(self, capture: QueryCapture) -> None:
         """File the rows the backend copied into ``capture``."""
@@ -95,9 +100,9 @@ class WindowStore:
     def _grow(self) -> None:
         old = self.queries.shape[0]
         new = max(4, 2 * old)
-        queries = torch.zeros((new,) + tuple(self.queries.shape[1:]), dtype=self.dtype)
+        queries = self.queries.new_zeros((new,) + tuple(self.queries.shape[1:]))
         queries[:old] = self.queries
-        positions = torch.full((new, self.size), -1, dtype=torch.int64)
+        positions = self.positions.new_full((new, self.size), -1)
         positions[:old] = self.positions
         self.queries, self.positions = queries, positions
         self.written = np.concatenate([self.written, np.zeros(new - old, dtype=np.int64)])

@@ -16,6 +16,13 @@ is request r's KV head h: the one-head-sequence view the attention ops take.
 A request that leaves the batch while still alive (vLLM drops unscheduled
 requests from the batch and adds them back later) is parked as a
 ``HeadTable`` and restored when its row is added again.
+
+On a GPU the tables the kernels read (``device_table``, ``device_lens``) live
+on the device and the bookkeeping (grants, capacity checks, snapshots for a
+compression) reads host copies, so no step waits on the device. Every change
+is applied to both: row operations as tensor operations on each copy, grants
+and token steps through small index uploads, never a whole-table copy. On
+CPU the device copies are the host tensors themselves.
 """
 
 from __future__ import annotations
@@ -32,13 +39,21 @@ from ..ragged import token_rows
 
 class BatchHeadTables:
     def __init__(self, num_layers: int, num_kv_heads: int, block_size: int,
-                 max_rows: int, width: int = 8):
+                 max_rows: int, width: int = 8, device: torch.device | str = "cpu",
+                 separate_device_copy: bool | None = None):
+        """``separate_device_copy`` defaults to "the device is not the CPU";
+        tests force it on CPU to check the two-copy bookkeeping."""
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
         self.block_size = block_size
+        self.device = torch.device(device)
+        self.mirrored = (self.device.type != "cpu" if separate_device_copy is None
+                         else separate_device_copy)
         self.table = torch.zeros((num_layers, max_rows, num_kv_heads, width),
                                  dtype=torch.int32)
         self.nblocks = torch.zeros((num_layers, max_rows, num_kv_heads), dtype=torch.int32)
         self.lens = torch.zeros_like(self.nblocks)
+        self.device_table = self._on_device(self.table)
+        self.device_lens = self._on_device(self.lens)
         self.row_of: dict[str, int] = {}
         self._req_at: list[str | None] = [None] * max_rows
         self._parked: dict[str, HeadTable] = {}
@@ -46,6 +61,21 @@ class BatchHeadTables:
     @property
     def width(self) -> int:
         return self.table.shape[3]
+
+    def _on_device(self, host: torch.Tensor) -> torch.Tensor:
+        return host.to(self.device, copy=True) if self.mirrored else host
+
+    def _copies(self, host: torch.Tensor, device: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors one change must be applied to."""
+        return (host, device) if self.mirrored else (host,)
+
+    def _upload_row(self, row: int, with_table: bool = True) -> None:
+        """Copy one row's host lengths (and table) to the device."""
+        if not self.mirrored:
+            return
+        self.device_lens[:, row] = self.lens[:, row].to(self.device)
+        if with_table:
+            self.device_table[:, row] = self.table[:, row].to(self.device)
 
     # ------------------------------------------------ persistent-batch rows
     def add_row(self, row: int, req_id: str) -> None:
@@ -59,6 +89,7 @@ class BatchHeadTables:
             self.table[:, row, :, :width] = torch.from_numpy(parked.table)
             self.nblocks[:, row] = torch.from_numpy(parked.nblocks)
             self.lens[:, row] = torch.from_numpy(parked.lens)
+            self._upload_row(row)
 
     def clear_row(self, row: int) -> None:
         """The request at ``row`` leaves the batch; it is parked until it
@@ -70,8 +101,13 @@ class BatchHeadTables:
         self._req_at[row] = None
         self._zero(row)
 
+    def _row_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor with a row per batch row (host and device)."""
+        return (self.nblocks, *self._copies(self.table, self.device_table),
+                *self._copies(self.lens, self.device_lens))
+
     def move_row(self, src: int, tgt: int) -> None:
-        for tensor in (self.table, self.nblocks, self.lens):
+        for tensor in self._row_tensors():
             tensor[:, tgt] = tensor[:, src]
         self._zero(src)
         req_id, self._req_at[src] = self._req_at[src], None
@@ -81,7 +117,7 @@ class BatchHeadTables:
 
     def swap_row(self, a: int, b: int) -> None:
         pair, swapped = [a, b], [b, a]
-        for tensor in (self.table, self.nblocks, self.lens):
+        for tensor in self._row_tensors():
             tensor[:, pair] = tensor[:, swapped]
         self._req_at[a], self._req_at[b] = self._req_at[b], self._req_at[a]
         for row in pair:
@@ -98,15 +134,25 @@ class BatchHeadTables:
 
     def _zero(self, row: int) -> None:
         self.nblocks[:, row] = 0
-        self.lens[:, row] = 0
+        for lens in self._copies(self.lens, self.device_lens):
+            lens[:, row] = 0
+
+    def _set_lens(self, row: int, value: int) -> None:
+        for lens in self._copies(self.lens, self.device_lens):
+            lens[:, row] = value
 
     def _reserve(self, width: int) -> None:
         if width <= self.width:
             return
-        grown = torch.zeros(self.table.shape[:3] + (max(width, 2 * self.width),),
-                            dtype=self.table.dtype)
-        grown[..., : self.width] = self.table
-        self.table = grown
+        new_width = max(width, 2 * self.width)
+
+        def grow(table: torch.Tensor) -> torch.Tensor:
+            grown = table.new_zeros(table.shape[:3] + (new_width,))
+            grown[..., : table.shape[3]] = table
+            return grown
+
+        self.table = grow(self.table)
+        self.device_table = grow(self.device_table) if self.mirrored else self.table
 
     # ------------------------------------------------ per-step updates
     def apply_grants(self, grants: dict[str, list[BlockGrant]]) -> None:
@@ -121,7 +167,7 @@ class BatchHeadTables:
             for grant in request_grants:
                 if grant.fresh:
                     self._zero(row)
-                    self.lens[:, row] = grant.cached_tokens
+                    self._set_lens(row, grant.cached_tokens)
                 rows.append(row)
                 counts.append(grant.counts.reshape(-1))
                 ids.append(grant.block_ids)
@@ -149,30 +195,40 @@ class BatchHeadTables:
         self._reserve(int((first_col + flat_counts).max()))
         each = np.repeat(np.arange(len(flat_counts)), flat_counts)
         col = first_col[each] + np.arange(total) - (np.cumsum(flat_counts) - flat_counts)[each]
-        table = self.table.numpy()
-        table[layer[each], row[each], kv_head[each], col] = np.concatenate(ids)
+        where = (layer[each], row[each], kv_head[each], col)
+        block_ids = np.concatenate(ids)
+        self.table.numpy()[where] = block_ids
         np.add.at(nblocks, (layer, row, kv_head), flat_counts.astype(np.int32))
+        if self.mirrored:  # one upload of the written cells, then one scatter
+            cells = torch.from_numpy(np.stack([*where, block_ids]).astype(np.int64))
+            cells = cells.to(self.device)
+            self.device_table[tuple(cells[:4])] = cells[4].to(self.device_table.dtype)
 
     def advance(self, num_tokens: np.ndarray) -> torch.Tensor:
-        """Slots ``[L, T, H]`` of the next ``num_tokens[r]`` tokens of rows
-        ``0..R-1`` (tokens in row order), and their lengths advanced."""
+        """Slots ``[L, T, H]`` (on the device) of the next ``num_tokens[r]``
+        tokens of rows ``0..R-1`` (tokens in row order), and their lengths
+        advanced."""
         num_rows = len(num_tokens)
         counts = torch.from_numpy(np.asarray(num_tokens, dtype=np.int64))
-        row_of_token, offset = token_rows(counts)
-        lens = self.lens[:, :num_rows].long()
-        logical = lens[:, row_of_token, :] + offset[None, :, None]  # [L, T, H]
+        lens = self.lens[:, :num_rows]
         capacity = self.nblocks[:, :num_rows].long() * self.block_size
-        if (lens + counts[None, :, None] > capacity).any():
+        if (lens.long() + counts[None, :, None] > capacity).any():  # host books
             raise PoolBooksError(
                 "head-block table too short for the scheduled tokens: the "
                 "scheduler and the worker disagree about a request")
-        layers = torch.arange(self.num_layers)[:, None, None]
-        heads = torch.arange(self.num_kv_heads)[None, None, :]
+        row_of_token, offset = (x.to(self.device) for x in token_rows(counts))
+        device_counts = counts.to(self.device)
+        logical = (self.device_lens[:, :num_rows].long()[:, row_of_token, :]
+                   + offset[None, :, None])  # [L, T, H]
+        layers = torch.arange(self.num_layers, device=self.device)[:, None, None]
+        heads = torch.arange(self.num_kv_heads, device=self.device)[None, None, :]
         rows = row_of_token[None, :, None]
         flat = ((layers * self.table.shape[1] + rows) * self.num_kv_heads + heads
                 ) * self.width + logical // self.block_size
-        blocks = self.table.view(-1)[flat].long()
-        self.lens[:, :num_rows] += counts.to(torch.int32)[None, :, None]
+        blocks = self.device_table.view(-1)[flat].long()
+        for lens, step in zip(self._copies(self.lens, self.device_lens),
+                              (counts, device_counts)):
+            lens[:, :num_rows] += step.to(torch.int32)[None, :, None]
         return blocks * self.block_size + logical % self.block_size
 
     # ------------------------------------------------ one request
@@ -196,6 +252,7 @@ class BatchHeadTables:
         table = self.table[:, row].numpy().copy()
         replace_ids(table, sources, copies)
         self.table[:, row] = torch.from_numpy(table)
+        self._upload_row(row)
 
     def store_lengths(self, req_id: str, table: HeadTable) -> None:
         """Write back a request's lengths after compaction shrank them (its
@@ -203,13 +260,14 @@ class BatchHeadTables:
         row = self.row_of[req_id]
         self.nblocks[:, row] = torch.from_numpy(table.nblocks.astype(np.int32))
         self.lens[:, row] = torch.from_numpy(table.lens.astype(np.int32))
+        self._upload_row(row, with_table=False)
 
     def layer_views(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables ``[L, R*H, width]`` and lengths ``[L, R*H]`` of the
-        first ``num_rows`` rows: views, no copy."""
+        first ``num_rows`` rows, on the device: views, no copy."""
         rows = num_rows * self.num_kv_heads
-        return (self.table[:, :num_rows].reshape(self.num_layers, rows, self.width),
-                self.lens[:, :num_rows].reshape(self.num_layers, rows))
+        return (self.device_table[:, :num_rows].reshape(self.num_layers, rows, self.width),
+                self.device_lens[:, :num_rows].reshape(self.num_layers, rows))
 
 
 def _exclusive_running_sum(key: np.ndarray, values: np.ndarray) -> np.ndarray:

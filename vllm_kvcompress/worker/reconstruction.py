@@ -90,9 +90,10 @@ class ReconstructionScorer:
         re-reading the context tokens not re-read before, and the number of
         tokens the pass fed the model (0 when there is nothing new)."""
         instruction, continuation, suffix = self.prompt_ids()
-        lens = torch.from_numpy(table.lens)
+        device = slots.device
+        lens = torch.from_numpy(table.lens).to(device)
         width = slots.shape[-1]
-        held = torch.arange(width)[None, None, :] < lens[..., None]  # [L, H, M]
+        held = torch.arange(width, device=device)[None, None, :] < lens[..., None]  # [L, H, M]
         blocks = slots // self.pool.block_size
         offsets = slots % self.pool.block_size
         key_view, value_view = self.pool.packed_views(self.layout)
@@ -103,7 +104,7 @@ class ReconstructionScorer:
             keys = key_view[b, :, o] if transposed else key_view[b, o]
             return keys, value_view[b, o], held[layer]
 
-        scores = torch.zeros(held.shape, dtype=torch.float32)
+        scores = torch.zeros(held.shape, dtype=torch.float32, device=device)
         meta = ReconstructionMetadata(
             num_kv_heads=table.lens.shape[1], scale=self.scale,
             layer_index=self.layer_index, gather=gather, scores=scores)

@@ -59,14 +59,14 @@ class HeadPagedRunnerMixin:
             spec.head_size, spec.dtype)
         self.batch_tables = BatchHeadTables(
             shape.num_layers, shape.num_kv_heads, shape.block_size,
-            self.input_batch.max_num_reqs)
+            self.input_batch.max_num_reqs, device=self.device)
         self.input_batch.block_table = RowFollower(
             self.input_batch.block_table, self.input_batch, self.batch_tables)
         # Beside every KV slot: its eviction metric and token position. They
         # live outside vLLM's KV budget (8 bytes per slot).
         slots = (shape.num_head_blocks, shape.block_size)
-        self.kv_metric = torch.zeros(slots, dtype=torch.float32)
-        self.kv_position = torch.full(slots, -1, dtype=torch.int32)
+        self.kv_metric = torch.zeros(slots, dtype=torch.float32, device=self.device)
+        self.kv_position = torch.full(slots, -1, dtype=torch.int32, device=self.device)
         self.compressor = Compressor(
             self.head_cache, self.kv_metric, self.kv_position,
             impl.ops.key_layout(shape.block_size, spec.head_size, spec.dtype),
@@ -75,7 +75,7 @@ class HeadPagedRunnerMixin:
             window_statistics=getattr(impl.ops, "window_statistics", None))
         self.windows = WindowStore(
             shape.num_layers, impl.num_heads, spec.head_size,
-            self.kv_compress.window, spec.dtype)
+            self.kv_compress.window, spec.dtype, self.device)
         self.step_inputs = StepInputs(
             pool=self.head_cache, tables=self.batch_tables,
             layer_index={name: i for i, name in enumerate(layer_names)})
@@ -141,8 +141,8 @@ class HeadPagedRunnerMixin:
         for req_id, order in step.compress.items():
             if order.copies is not None:  # copy-on-compress, before any change
                 sources, copies = self.rank_slice.local_copies(order.copies)
-                self.compressor.copy_blocks(torch.from_numpy(sources.astype(np.int64)),
-                                            torch.from_numpy(copies.astype(np.int64)))
+                pairs = torch.from_numpy(np.stack([sources, copies]).astype(np.int64))
+                self.compressor.copy_blocks(*pairs.to(self.device))
                 self.batch_tables.replace_ids(req_id, sources, copies)
             table = self.batch_tables.snapshot(req_id)
             policy = POLICIES[order.settings.policy]
@@ -183,7 +183,7 @@ class HeadPagedRunnerMixin:
                                               num_tokens_unpadded, ubatch_slices)
         shape = self.batch_tables
         slots = torch.full((shape.num_layers, num_tokens_padded, shape.num_kv_heads), -1,
-                           dtype=torch.int64)
+                           dtype=torch.int64, device=self.device)
         if self._step is not None:  # else profiling / warm-up: nothing cached
             num_reqs = self.input_batch.num_reqs
             req_ids = self.input_batch.req_ids[:num_reqs]
@@ -204,7 +204,7 @@ class HeadPagedRunnerMixin:
         first = torch.from_numpy(
             self.input_batch.num_computed_tokens_cpu[: len(req_ids)].astype(np.int64))
         row_of_token, offset = token_rows(torch.from_numpy(num_tokens))
-        positions = first[row_of_token] + offset
+        positions = (first[row_of_token] + offset).to(self.device)
         flat_slots = slots.reshape(-1)
         self.kv_position.view(-1)[flat_slots] = positions.to(torch.int32)[
             None, :, None].expand_as(slots).reshape(-1)

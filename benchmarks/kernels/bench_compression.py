@@ -107,10 +107,9 @@ def run(shape: dict, device, dtype, runs: int) -> dict:
 
     compress_ms = wall_ms(compress, sync, runs, setup=fresh_table)
     fresh_table()
-    lens, _, slots = compressor.request_slots(tables["now"])
+    request = compressor.request_kvs(tables["now"])
     stats_ms = wall_ms(lambda: compressor._kernel_statistics(
-        tables["now"], window.queries, window.positions, slots, lens, per_group=False),
-        sync, runs)
+        request, window.queries, window.positions, per_group=False), sync, runs)
 
     # One decode step's attention at the batch, per-head tables of decode_tokens.
     B, N = shape["batch"], shape["decode_tokens"]

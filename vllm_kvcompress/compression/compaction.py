@@ -39,9 +39,10 @@ def _move_masks(plan: EvictionPlan) -> tuple[torch.Tensor, torch.Tensor]:
     return ~plan.evicted & held & ~below, plan.evicted & below
 
 
-def slot_moves(table: HeadTable, plan: EvictionPlan) -> torch.Tensor:
+def slot_moves(table: HeadTable, plan: EvictionPlan,
+               ids: torch.Tensor | None = None) -> torch.Tensor:
     """[M, 2] int64 (src_slot, dst_slot) over all heads of one request, on
-    the plan's device.
+    the plan's device (``ids``: the table's block ids already there).
 
     Within a head the k-th source pairs with the k-th destination; row-major
     ``nonzero`` lists both head by head in ascending index, and every head has
@@ -49,7 +50,8 @@ def slot_moves(table: HeadTable, plan: EvictionPlan) -> torch.Tensor:
     """
     src_mask, dst_mask = _move_masks(plan)
     bs = table.block_size
-    ids = torch.as_tensor(table.table, device=plan.evicted.device).long()
+    if ids is None:
+        ids = torch.as_tensor(table.table, device=plan.evicted.device).long()
 
     def slots(mask: torch.Tensor) -> torch.Tensor:
         layer, head, logical = torch.nonzero(mask, as_tuple=True)

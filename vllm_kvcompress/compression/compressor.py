@@ -23,6 +23,22 @@ from .policies import POLICIES
 
 
 @dataclass
+class RequestKVs:
+    """One request's held KVs on the pool's device, by logical index: its
+    block table is uploaded once per compression and every step reads it."""
+
+    table: HeadTable  # the host books
+    ids: torch.Tensor  # [L, H, width] int64 block ids
+    lens: torch.Tensor  # [L, H] int64
+    in_head: torch.Tensor  # [L, H, M] which logical indices each head holds
+    slots: torch.Tensor  # [L, H, M] int64 pool slots (0 past a head's length)
+
+    def block_ids(self) -> torch.Tensor:
+        """[L, H, blocks] ids of the blocks covering the widest head."""
+        return self.ids[:, :, : -(-self.slots.shape[2] // self.table.block_size)]
+
+
+@dataclass
 class ObservationWindow:
     """The request's most recent queries, per layer (after RoPE)."""
 
@@ -115,7 +131,8 @@ class Compressor:
         policy = POLICIES[settings.policy]
         if int(table.lens.max()) == 0:
             return 0
-        lens, in_head, slots = self.request_slots(table)
+        request = self.request_kvs(table)
+        lens, slots = request.lens, request.slots
         positions = self.kv_position[slots]
 
         metric = torch.zeros(slots.shape, dtype=torch.float64, device=slots.device)
@@ -123,27 +140,23 @@ class Compressor:
         if policy.metric == "reconstruction":
             if reconstruct is None:
                 raise RuntimeError(f"policy {policy.name} needs a reconstruction pass")
-            metric = self._raise_metric(reconstruct(table, slots), slots, in_head)
+            metric = self._raise_metric(reconstruct(table, slots), slots, request.in_head)
         elif policy.metric is not None:
-            metric, preference = self.update_metric(policy, table, window, slots,
-                                                    lens, order)
+            metric, preference = self.update_metric(policy, request, window, order)
         scores = policy.scores(metric, positions, self.rng)
         plan = make_plan(settings, scores, positions, lens, order.num_tokens,
                          order.target_tokens, table.block_size, preference)
         if plan is None:
             return 0
-        moves = slot_moves(table, plan)
+        moves = slot_moves(table, plan, request.ids)
         if len(moves):
             self.move_slots(self.pool, moves, self.slot_metric, self.slot_position,
                             self.layout)
         table.truncate(plan.new_lens.cpu().numpy())
         return int((lens - plan.new_lens).sum())
 
-    def request_slots(self, table: HeadTable
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """On the pool's device: the request's lengths [L, H], which logical
-        indices each head holds [L, H, M] and their slots [L, H, M] (0 past
-        a head's length), M the widest head."""
+    def request_kvs(self, table: HeadTable) -> RequestKVs:
+        """The request's table on the pool's device, M its widest head."""
         device = self.kv_metric.device
         lens = torch.as_tensor(table.lens, dtype=torch.int64, device=device)
         logical = torch.arange(int(table.lens.max()), device=device)
@@ -151,7 +164,7 @@ class Compressor:
         ids = torch.as_tensor(table.table, device=device).long()
         blocks = ids[:, :, logical // table.block_size]
         slots = torch.where(in_head, blocks * table.block_size + logical % table.block_size, 0)
-        return lens, in_head, slots
+        return RequestKVs(table, ids, lens, in_head, slots)
 
     def _raise_metric(self, fresh: torch.Tensor, slots: torch.Tensor,
                       in_head: torch.Tensor) -> torch.Tensor:
@@ -162,25 +175,23 @@ class Compressor:
         self.kv_metric[where] = torch.maximum(self.kv_metric[where], fresh[in_head])
         return self.kv_metric[slots]
 
-    def update_metric(self, policy, table: HeadTable, window: ObservationWindow,
-                      slots: torch.Tensor, lens: torch.Tensor, order
-                      ) -> tuple[torch.Tensor, np.ndarray | None]:
+    def update_metric(self, policy, request: RequestKVs, window: ObservationWindow,
+                      order) -> tuple[torch.Tensor, np.ndarray | None]:
         """Score each KV from this window's attention into its stored metric;
         returns the metric and, for CAKE, each layer's preference weight."""
         seen = window.positions >= 0
         queries = window.queries[:, seen]  # [L, W, Hq, D]
         query_positions = window.positions[seen]
-        valid = torch.arange(slots.shape[2], device=lens.device) < lens[..., None]
+        slots, lens, valid = request.slots, request.lens, request.in_head
         if policy.metric == "cake":
-            return self._cake_metric(table, queries, query_positions, slots, lens,
-                                     valid, order.settings)
+            return self._cake_metric(request, queries, query_positions, order.settings)
         if self.window_statistics is not None:
-            fresh = self._kernel_statistics(table, queries, query_positions, slots, lens,
+            fresh = self._kernel_statistics(request, queries, query_positions,
                                             per_group=False).sum_p2
         else:
             fresh = torch.stack([
                 squared_attention(window_attention(*self._layer_inputs(
-                    table, queries, query_positions, slots, lens, layer)))
+                    request, queries, query_positions, layer)))
                 for layer in range(slots.shape[0])])
         if order.after_prompt:
             fresh = max_pool_keys(fresh.flatten(0, 1), self.kv_position[slots].flatten(0, 1),
@@ -188,34 +199,28 @@ class Compressor:
         self.kv_metric[slots[valid]] += fresh[valid]
         return self.kv_metric[slots], None
 
-    def _layer_inputs(self, table: HeadTable, queries: torch.Tensor,
-                      query_positions: torch.Tensor, slots: torch.Tensor,
-                      lens: torch.Tensor, layer: int) -> tuple:
+    def _layer_inputs(self, request: RequestKVs, queries: torch.Tensor,
+                      query_positions: torch.Tensor, layer: int) -> tuple:
         """``window_attention``'s arguments for one layer: the layer's keys
         gathered from the pool, padded to the widest head."""
-        _, num_heads, width = slots.shape
-        num_blocks = -(-width // table.block_size)
-        block_ids = torch.as_tensor(table.table[layer, :, :num_blocks],
-                                    device=slots.device).long()
-        keys = self.pool.keys(block_ids.reshape(-1), self.layout)
+        _, num_heads, width = request.slots.shape
+        keys = self.pool.keys(request.block_ids()[layer].reshape(-1), self.layout)
         keys = keys.reshape(num_heads, -1, self.pool.head_dim)[:, :width]
         q = queries[layer].reshape(len(query_positions), num_heads, -1, self.pool.head_dim)
-        return (keys, self.kv_position[slots[layer]], lens[layer], q, query_positions,
-                self.scale)
+        return (keys, self.kv_position[request.slots[layer]], request.lens[layer], q,
+                query_positions, self.scale)
 
-    def _kernel_statistics(self, table: HeadTable, queries: torch.Tensor,
-                           query_positions: torch.Tensor, slots: torch.Tensor,
-                           lens: torch.Tensor, per_group: bool):
+    def _kernel_statistics(self, request: RequestKVs, queries: torch.Tensor,
+                           query_positions: torch.Tensor, per_group: bool):
         """The ops' statistics kernel over every layer in one call. Layers are
         the kernel's requests, so each (layer, head) is one row and the sums
         ``[L, H, M]`` cover the GQA group; ``per_group`` makes each (layer,
         group head) a request instead, for sums ``[L, H, G, M]`` and
         entropies ``[L, G, H]`` over the keys older than the window (CAKE)."""
-        num_layers, num_heads, width = slots.shape
-        num_blocks = -(-width // table.block_size)
-        block_tables = torch.as_tensor(table.table[:, :, :num_blocks], device=slots.device)
-        block_tables = block_tables.to(torch.int32)  # [L, H, nb]
-        seq_lens = lens.to(torch.int32)
+        num_layers, num_heads, width = request.slots.shape
+        block_tables = request.block_ids().to(torch.int32)  # [L, H, nb]
+        num_blocks = block_tables.shape[2]
+        seq_lens = request.lens.to(torch.int32)
         num_queries = len(query_positions)
         if per_group:  # [L, W, H*G, D] -> [L*G, W, H, D]: G requests per layer
             group = queries.shape[2] // num_heads
@@ -237,15 +242,15 @@ class Compressor:
                 for x in (stats.sum_p, stats.sum_p2)]
         return type(stats)(*sums, stats.entropy.view(num_layers, -1, num_heads))
 
-    def _cake_metric(self, table: HeadTable, queries: torch.Tensor,
-                     query_positions: torch.Tensor, slots: torch.Tensor,
-                     lens: torch.Tensor, valid: torch.Tensor, settings
+    def _cake_metric(self, request: RequestKVs, queries: torch.Tensor,
+                     query_positions: torch.Tensor, settings
                      ) -> tuple[torch.Tensor, np.ndarray]:
         """CAKE's indicator into the stored metric, and the layers' weights
         (host numbers, one per layer)."""
+        slots, lens, valid = request.slots, request.lens, request.in_head
         num_layers = slots.shape[0]
         if self.window_statistics is not None:
-            stats = self._kernel_statistics(table, queries, query_positions, slots, lens,
+            stats = self._kernel_statistics(request, queries, query_positions,
                                             per_group=True)
             entropies = stats.entropy.sum(dim=(1, 2)).tolist()
             sums = [WindowSums(stats.sum_p[layer], stats.sum_p2[layer], entropies[layer],
@@ -253,8 +258,7 @@ class Compressor:
         else:
             sums = []
             for layer in range(num_layers):
-                inputs = self._layer_inputs(table, queries, query_positions, slots, lens,
-                                            layer)
+                inputs = self._layer_inputs(request, queries, query_positions, layer)
                 sums.append(window_sums(window_attention(*inputs), inputs[1], lens[layer],
                                         query_positions))
         entropy, shift = np.zeros(num_layers), np.zeros(num_layers)

@@ -18,8 +18,8 @@ requests from the batch and adds them back later) is parked as a
 ``HeadTable`` and restored when its row is added again.
 
 On a GPU the tables the kernels read (``device_table``, ``device_lens``) live
-on the device and the bookkeeping (grants, capacity checks, snapshots for a
-compression) reads host copies, so no step waits on the device. Every change
+on the device, and the bookkeeping (grants, capacity checks, snapshots for a
+compression) reads host copies, so it never reads the device. Every change
 is applied to both: row operations as tensor operations on each copy, grants
 and token steps through small index uploads, never a whole-table copy. On
 CPU the device copies are the host tensors themselves.

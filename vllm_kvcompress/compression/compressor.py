@@ -25,7 +25,8 @@ from .policies import POLICIES
 @dataclass
 class RequestKVs:
     """One request's held KVs on the pool's device, by logical index: its
-    block table is uploaded once per compression and every step reads it."""
+    block table is uploaded once per compression, and every stage of the
+    compression (statistics, key gathers, compaction moves) reads that copy."""
 
     table: HeadTable  # the host books
     ids: torch.Tensor  # [L, H, width] int64 block ids

@@ -95,4 +95,5 @@ def build_metadata(inputs: StepInputs, num_reqs: int,
         layer_index=inputs.layer_index,
         max_query_len=int(num_tokens.max()) if num_tokens.size else 0,
         capture=inputs.capture,
+        host_seq_lens=tables.host_lengths(num_reqs),
     )

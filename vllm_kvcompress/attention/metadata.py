@@ -39,14 +39,16 @@ class HeadPagedMetadata:
     # Per-layer values derived lazily by the attention path (e.g. the C++
     # kernel's work split), shared by layers whose lengths are equal.
     layer_cache: dict = field(default_factory=dict)
+    # The host books' copy of ``seq_lens`` (None: read ``seq_lens``).
+    host_seq_lens: torch.Tensor | None = None
 
     def max_seq_len(self, layer: int) -> int:
-        """The longest head of ``layer`` (at least 1). Every layer's maximum
-        is read to the host once per step, not once per layer (on a GPU
-        each read is a sync)."""
+        """The longest head of ``layer`` (at least 1), from the host copy of
+        the lengths when there is one (no device read), each layer's once
+        per step."""
         longest = self.layer_cache.get("max_seq_lens")
         if longest is None:
-            lens = self.seq_lens
+            lens = self.seq_lens if self.host_seq_lens is None else self.host_seq_lens
             longest = lens.amax(dim=1).tolist() if lens.shape[1] else [0] * lens.shape[0]
             self.layer_cache["max_seq_lens"] = longest
         return max(longest[layer], 1)

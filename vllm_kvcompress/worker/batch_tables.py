@@ -262,6 +262,11 @@ class BatchHeadTables:
         self.lens[:, row] = torch.from_numpy(table.lens.astype(np.int32))
         self._upload_row(row, with_table=False)
 
+    def host_lengths(self, num_rows: int) -> torch.Tensor:
+        """The host books' lengths ``[L, R*H]`` of the first ``num_rows``
+        rows (a view, equal to ``layer_views``'s device lengths)."""
+        return self.lens[:, :num_rows].reshape(self.num_layers, num_rows * self.num_kv_heads)
+
     def layer_views(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables ``[L, R*H, width]`` and lengths ``[L, R*H]`` of the
         first ``num_rows`` rows, on the device: views, no copy."""

@@ -7,7 +7,8 @@ every step.
 
     python tests/engine_job.py SPEC.json OUT.json
 SPEC: model, engine (LLM keyword arguments), prompts (token-id lists),
-max_tokens, and optionally env (variables set first), abort (request
+max_tokens, and optionally env (variables set first), cpu_attn_backend (a
+backend class path the CPU worker registers instead of its own), abort (request
 indices) with either abort_at_step or abort_during_compression.
 """
 
@@ -23,6 +24,13 @@ def run(spec: dict) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import vllm_kvcompress  # noqa: F401  (LLM(kv_compress_rate=...) keyword)
     from vllm import LLM, SamplingParams
+
+    if spec.get("cpu_attn_backend"):
+        # The CPU worker serves CPU_ATTN with this backend class instead of
+        # the CPU one (tests of the CUDA backend class in the CPU engine).
+        import vllm_kvcompress.worker.cpu as cpu_worker
+
+        cpu_worker.BACKEND_PATH = spec["cpu_attn_backend"]
 
     llm = LLM(model=spec["model"], **spec["engine"])
     engine = llm.llm_engine
@@ -128,6 +136,7 @@ def run(spec: dict) -> dict:
         result["reconstruction_tokens"] = scheduler.stats.reconstruction_tokens
         if runner is not None:  # observation-window slots the worker ever made
             result["window_slots"] = int(runner.windows.queries.shape[0])
+            result["backend"] = runner.attn_groups[0][0].backend.__name__
         result["stats_live_requests"] = scheduler.stats.live_requests
         result["final"] = {
             "held": pool.num_held,

@@ -17,9 +17,10 @@ ENGINE = dict(dtype="float32", max_model_len=512, block_size=32, enforce_eager=T
 LENGTHS = [90, 5, 37, 64]  # 90 is read in two chunks
 
 
-def run(tiny_llama, tmp_path, name, ops=None, kept_positions=False, **plugin):
+def run(tiny_llama, tmp_path, name, ops=None, kept_positions=False, backend=None, **plugin):
     spec = {"model": tiny_llama, "prompts": mixed_prompts(tiny_llama, LENGTHS, seed=31),
-            "max_tokens": 24, "engine": {**ENGINE, **plugin}, "kept_positions": kept_positions}
+            "max_tokens": 24, "engine": {**ENGINE, **plugin}, "kept_positions": kept_positions,
+            "cpu_attn_backend": backend}
     if ops:
         spec["env"] = {"VLLM_KVCOMPRESS_OPS": ops, "TRITON_INTERPRET": "1"}
     return run_engine_job(spec, tmp_path, name)
@@ -87,3 +88,20 @@ def test_triton_ops_compress_with_balanced_books(tiny_llama, tmp_path):
     assert result["evicted"] > 0
     assert all(len(t) == 24 for t in result["outputs"].values())
     assert result["final"]["held"] == 0 and result["final"]["tables"] == []
+
+
+def test_cuda_backend_class_serves_the_engine(tiny_llama, tmp_path, cpu_at_rate_8):
+    """The CUDA path's backend class (``CUSTOM`` on CUDA: its impl, declared
+    layout and block sizes) in place of the CPU one, with the FlashAttention
+    view's stand-in, keeps the same KVs at rate 8 as vLLM's CPU kernels and
+    answers the same. The CPU runner stands in for vLLM's GPU runner, whose
+    hooks it shares (test_cuda_setup.py)."""
+    from vllm_kvcompress.attention.cuda_backend import CUDA_BACKEND_PATH
+
+    cpu = cpu_at_rate_8("kvcompress")
+    ours = run(tiny_llama, tmp_path, "cuda-backend", "flash-reference", kept_positions=True,
+               backend=CUDA_BACKEND_PATH, **rate_8("kvcompress"))
+    assert ours["backend"] == "HeadPagedCudaBackend"
+    assert ours["evicted"] == cpu["evicted"] > 0
+    assert kept_sets(ours) == kept_sets(cpu)
+    assert ours["outputs"] == cpu["outputs"]

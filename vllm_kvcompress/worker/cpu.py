@@ -10,7 +10,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from ..attention.backend import BACKEND_PATH
-from .runner import HeadPagedRunnerMixin
+from .runner import HeadPagedRunnerMixin, refuse_v2_runner
 
 
 class KVCompressCPUModelRunner(HeadPagedRunnerMixin, CPUModelRunner):
@@ -25,9 +25,6 @@ class KVCompressCPUWorker(CPUWorker):
 
     def init_device(self) -> None:
         super().init_device()
-        if self.use_v2_model_runner:
-            raise RuntimeError(
-                "KV compression runs on vLLM's V1 model runner; unset "
-                "VLLM_USE_V2_MODEL_RUNNER.")
+        refuse_v2_runner(self.use_v2_model_runner)
         # CPUWorker builds its runner inline; replace it before the model loads.
         self.model_runner = KVCompressCPUModelRunner(self.vllm_config, torch.device("cpu"))

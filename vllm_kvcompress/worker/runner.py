@@ -1,7 +1,7 @@
 """The per-head logic of the model runner, once for every platform.
 
 ``HeadPagedRunnerMixin`` goes in front of vLLM's V1 runner (``CPUModelRunner``
-in ``cpu.py``): it keeps the persistent per-head tables in step with the
+in ``cpu.py``, ``GPUModelRunner`` in ``cuda.py``): it keeps the persistent per-head tables in step with the
 scheduler's grants and vLLM's persistent batch, hands the attention
 metadata builder what it needs, records token positions and observation
 windows, and runs the compressions the scheduler orders after the forward.
@@ -30,6 +30,14 @@ from ..ragged import token_rows
 from .batch_tables import BatchHeadTables, RowFollower
 from .rank_slice import RankSlice
 from .reconstruction import ReconstructionScorer
+
+
+def refuse_v2_runner(use_v2_model_runner: bool) -> None:
+    """The per-head tables hook into the V1 runner only."""
+    if use_v2_model_runner:
+        raise RuntimeError(
+            "KV compression runs on vLLM's V1 model runner; unset "
+            "VLLM_USE_V2_MODEL_RUNNER.")
 
 
 class HeadPagedRunnerMixin:

@@ -115,3 +115,13 @@ def test_a_preempted_request_rereads_within_the_cascading_bound(tiny_llama, tmp_
     bound = math.ceil((kept + CHUNK * HEADS) / BS) + HEADS
     assert max(result["peak_blocks"].values()) <= bound
     assert result["final"]["held"] == 0 and result["final"]["tables"] == []
+
+
+def test_cascading_still_refuses_a_budget_beyond_the_pool(tiny_llama, tmp_path):
+    """Cascading bounds a request by its budget plus one chunk; when even
+    that exceeds the pool, start-up stops and says which knobs to turn."""
+    spec = {"model": tiny_llama, "prompts": [[1] * 10], "max_tokens": 1,
+            "engine": {**ENGINE, "kv_compress_rate": 1.5, "kv_compress_cascade": True}}
+    error = engine_job_error(spec, tmp_path, "beyond")
+    assert "--kv-compress-cascade: a request of --max-model-len 4096" in error, error
+    assert "(VLLM_CPU_KVCACHE_SPACE)" in error

@@ -63,5 +63,13 @@ def _check_compressed(settings, vllm_config, available_memory: int, get_needed_m
             "than the KV cache's "
             f"{max(available_memory, 0) / 2**30:.3f} GiB. Raise the rate, lower "
             "--max-num-batched-tokens or --max-model-len, or give the KV cache "
-            "more memory (VLLM_CPU_KVCACHE_SPACE)."
+            f"more memory ({_memory_knob()})."
         )
+
+
+def _memory_knob() -> str:
+    """Where this platform's KV cache memory is set."""
+    from vllm.platforms import current_platform
+
+    return ("VLLM_CPU_KVCACHE_SPACE" if current_platform.is_cpu()
+            else "--gpu-memory-utilization")

@@ -1,10 +1,11 @@
 """The per-head logic of the model runner, once for every platform.
 
 ``HeadPagedRunnerMixin`` goes in front of vLLM's V1 runner (``CPUModelRunner``
-in ``cpu.py``, ``GPUModelRunner`` in ``cuda.py``): it keeps the persistent per-head tables in step with the
-scheduler's grants and vLLM's persistent batch, hands the attention
-metadata builder what it needs, records token positions and observation
-windows, and runs the compressions the scheduler orders after the forward.
+in ``cpu.py``, ``GPUModelRunner`` in ``cuda.py``): it keeps the persistent
+per-head tables in step with the scheduler's grants and vLLM's persistent
+batch, hands the attention metadata builder what it needs, records token
+positions and observation windows, and runs the compressions the scheduler
+orders after the forward.
 It only overrides V1 hooks; the compiled model around attention is vLLM's.
 """
 

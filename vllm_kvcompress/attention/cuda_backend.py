@@ -21,12 +21,12 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
+from ..engine_args import CUDA_SETUP
 from .builder import HeadPagedMetadataBuilder
 from .forward import HeadPagedForward
 from .ops import make_ops
 
 CUDA_BACKEND_PATH = "vllm_kvcompress.attention.cuda_backend.HeadPagedCudaBackend"
-CUDA_BLOCK_MULTIPLE = 16
 MAX_HEAD_SIZE = 256
 
 
@@ -80,7 +80,7 @@ class HeadPagedCudaBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        return [MultipleOf(CUDA_BLOCK_MULTIPLE)]
+        return [MultipleOf(CUDA_SETUP.block_multiple)]
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:

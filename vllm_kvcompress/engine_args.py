@@ -108,11 +108,11 @@ def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
             f"(default {setup.block_multiple}).",
         )
     if setup.attention_backend is not None:
-        chosen = args.attention_backend
-        if chosen is not None and getattr(chosen, "name", chosen) != setup.attention_backend:
+        chosen = getattr(args.attention_backend, "name", args.attention_backend)
+        if chosen is not None and chosen != setup.attention_backend:
             raise _refuse(
-                f"--attention-backend {getattr(chosen, 'name', chosen)}: the "
-                "per-head cache has its own backend",
+                f"--attention-backend {chosen}: the per-head cache has its own "
+                "backend",
                 "Remove --attention-backend.",
             )
         args.attention_backend = setup.attention_backend

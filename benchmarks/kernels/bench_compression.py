@@ -41,7 +41,8 @@ def import_engine_parts():
     import_kernels()
     from vllm_kvcompress.attention.ops.triton import TritonOps
     from vllm_kvcompress.attention.pool_view import HeadBlockCache
-    from vllm_kvcompress.compression.compressor import Compressor, ObservationWindow
+    from vllm_kvcompress.compression.compressor import Compressor
+    from vllm_kvcompress.compression.window_metric import ObservationWindow, RequestKVs
     from vllm_kvcompress.config import KVCompressConfig
     from vllm_kvcompress.head_table import HeadTable
     from vllm_kvcompress.protocol import CompressOrder
@@ -107,9 +108,9 @@ def run(shape: dict, device, dtype, runs: int) -> dict:
 
     compress_ms = wall_ms(compress, sync, runs, setup=fresh_table)
     fresh_table()
-    request = compressor.request_kvs(tables["now"])
-    stats_ms = wall_ms(lambda: compressor._kernel_statistics(
-        request, window.queries, window.positions, per_group=False), sync, runs)
+    request = parts.RequestKVs.of(tables["now"], device)
+    stats_ms = wall_ms(lambda: compressor.window_metric.kernel_statistics(
+        [(request, window)], per_group=False), sync, runs)
 
     # One decode step's attention at the batch, per-head tables of decode_tokens.
     B, N = shape["batch"], shape["decode_tokens"]

@@ -16,7 +16,7 @@ import torch
 
 from ..attention.metadata import QueryCapture
 from ..ragged import token_rows
-from .compressor import ObservationWindow
+from .window_metric import ObservationWindow
 
 
 class WindowStore:

@@ -19,7 +19,7 @@ import torch
 
 from ..attention.builder import StepInputs
 from ..attention.pool_view import HeadBlockCache
-from ..compression.compressor import Compressor
+from ..compression.compressor import CompressionJob, Compressor
 from ..compression.policies import POLICIES
 from ..compression.window import WindowStore
 from ..config import KVCompressConfig
@@ -147,23 +147,28 @@ class HeadPagedRunnerMixin:
             return
         started = time.perf_counter()
         reply = CompressReply()
+        jobs, copy_pairs = {}, []
         for req_id, order in step.compress.items():
             if order.copies is not None:  # copy-on-compress, before any change
                 sources, copies = self.rank_slice.local_copies(order.copies)
-                pairs = torch.from_numpy(np.stack([sources, copies]).astype(np.int64))
-                self.compressor.copy_blocks(*pairs.to(self.device))
+                copy_pairs.append(np.stack([sources, copies]).astype(np.int64))
                 self.batch_tables.replace_ids(req_id, sources, copies)
-            table = self.batch_tables.snapshot(req_id)
             policy = POLICIES[order.settings.policy]
             window = self.windows.window(req_id)
             if window is None and policy.reads_window:
                 raise RuntimeError(f"no observation window for request {req_id}")
             reconstruct = (self._reconstruction_of(req_id, order, reply)
                            if policy.metric == "reconstruction" else None)
-            reply.evicted[req_id] = self.compressor.compress(table, window, order,
-                                                             reconstruct)
-            self.batch_tables.store_lengths(req_id, table)
-            reply.new_lens[req_id] = table.lens.copy()
+            jobs[req_id] = CompressionJob(self.batch_tables.snapshot(req_id), window, order,
+                                          reconstruct)
+        if copy_pairs:  # every request's copies in one call
+            pairs = torch.from_numpy(np.concatenate(copy_pairs, axis=1)).to(self.device)
+            self.compressor.copy_blocks(*pairs)
+        evicted = self.compressor.compress_step(list(jobs.values()))
+        for (req_id, job), count in zip(jobs.items(), evicted):
+            reply.evicted[req_id] = count
+            self.batch_tables.store_lengths(req_id, job.table)
+            reply.new_lens[req_id] = job.table.lens.copy()
         reply.seconds = time.perf_counter() - started
         self._reply = self.rank_slice.gather_reply(reply)
 

@@ -6,10 +6,12 @@ The CUDA path's compression, end to end, outside vLLM: the GPU machines have
 torch and Triton but no vLLM, so the package is imported without its plugin
 hook. Wall-clock milliseconds with the device synchronised, host work included
 (the planner reads a few sizes back to the host), median of a few runs; the
-decode step is the paged attention of every layer (no GEMMs).
+decode step is the paged attention of every layer (no GEMMs). Also a step
+that compresses ``--step-requests`` requests of ``--step-tokens``: all
+together (``Compressor.compress_step``) against one at a time.
 
     python benchmarks/kernels/bench_compression.py [--tokens 32768] [--batch 64]
-        [--decode-tokens 4096] [--rate 8]
+        [--decode-tokens 4096] [--rate 8] [--step-requests 8] [--step-tokens 4096]
     python benchmarks/kernels/bench_compression.py --smoke   # CPU, tiny, interpreter
 """
 
@@ -41,7 +43,7 @@ def import_engine_parts():
     import_kernels()
     from vllm_kvcompress.attention.ops.triton import TritonOps
     from vllm_kvcompress.attention.pool_view import HeadBlockCache
-    from vllm_kvcompress.compression.compressor import Compressor
+    from vllm_kvcompress.compression.compressor import CompressionJob, Compressor
     from vllm_kvcompress.compression.window_metric import ObservationWindow, RequestKVs
     from vllm_kvcompress.config import KVCompressConfig
     from vllm_kvcompress.head_table import HeadTable
@@ -63,54 +65,93 @@ def wall_ms(fn, sync, runs: int, setup=None) -> float:
     return statistics.median(times[1:])
 
 
-def run(shape: dict, device, dtype, runs: int) -> dict:
+def held_requests(parts, shape: dict, count: int, tokens: int, device, dtype):
+    """A pool of ``count`` requests in which every (layer, head) holds
+    ``tokens`` KVs in shuffled head-blocks, and the engine's Compressor over
+    it with the Triton ops. Returns the compressor, a function that gives
+    fresh tables (and zeroes the metric), and each request's window."""
     import numpy as np
     import torch
 
-    parts = import_engine_parts()
-    ops = parts.TritonOps()
     L, H, G, D, bs = (shape[k] for k in ("layers", "kv_heads", "group", "head_dim", "block"))
-    T, W = shape["tokens"], shape["window"]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    scale = 1 / math.sqrt(D)
-
-    # The request: every (layer, head) holds T KVs in shuffled head-blocks.
-    per_head = -(-T // bs)
-    blocks = L * H * per_head
+    W = shape["window"]
+    ops = parts.TritonOps()
+    per_head = -(-tokens // bs)
+    per_request = L * H * per_head
+    blocks = count * per_request
     buffer = torch.randn(blocks * bs * 2 * D, device=device).to(dtype)
     pool = parts.HeadBlockCache(buffer, blocks, bs, D, dtype)
     kv_metric = torch.zeros(blocks, bs, device=device)
     kv_position = (torch.arange(per_head * bs, device=device, dtype=torch.int32)
-                   .view(per_head, bs).repeat(L * H, 1))
+                   .view(per_head, bs).repeat(count * L * H, 1))
     ids = torch.randperm(blocks).numpy().astype("int32")
     kv_position[torch.from_numpy(ids).long().to(device)] = kv_position.clone()
     compressor = parts.Compressor(
-        pool, kv_metric, kv_position, "row_major", scale, move_slots=ops.move_slots,
-        window_statistics=ops.window_statistics)
-    window = parts.ObservationWindow(
-        torch.randn(L, W, H * G, D, device=device).to(dtype),
-        torch.arange(T - W, T, device=device))
-    order = parts.CompressOrder(parts.KVCompressConfig(rate=shape["rate"], policy="kvcompress"),
-                                num_tokens=T, after_prompt=True, target_tokens=T)
-    tables = {}
+        pool, kv_metric, kv_position, "row_major", 1 / math.sqrt(D),
+        move_slots=ops.move_slots, window_statistics=ops.window_statistics)
+    windows = [parts.ObservationWindow(torch.randn(L, W, H * G, D, device=device).to(dtype),
+                                       torch.arange(tokens - W, tokens, device=device))
+               for _ in range(count)]
 
-    def fresh_table():
-        table = parts.HeadTable(L, H, bs)
-        table.append_blocks(np.full((L, H), per_head), ids)
-        table.lens[:] = T
-        tables["now"] = table
+    def fresh_tables():
         kv_metric.zero_()
+        tables = []
+        for index in range(count):
+            table = parts.HeadTable(L, H, bs)
+            table.append_blocks(np.full((L, H), per_head),
+                                ids[index * per_request: (index + 1) * per_request])
+            table.lens[:] = tokens
+            tables.append(table)
+        return tables
 
-    evicted = {}
+    return compressor, fresh_tables, windows
+
+
+def run(shape: dict, device, dtype, runs: int) -> dict:
+    import torch
+
+    parts = import_engine_parts()
+    L, H, G, D, bs = (shape[k] for k in ("layers", "kv_heads", "group", "head_dim", "block"))
+    T = shape["tokens"]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    scale = 1 / math.sqrt(D)
+
+    def order(tokens):
+        return parts.CompressOrder(
+            parts.KVCompressConfig(rate=shape["rate"], policy="kvcompress"),
+            num_tokens=tokens, after_prompt=True, target_tokens=tokens)
+
+    # One long request.
+    compressor, fresh_tables, [window] = held_requests(parts, shape, 1, T, device, dtype)
+    tables, evicted = {}, {}
 
     def compress():
-        evicted["n"] = compressor.compress(tables["now"], window, order)
+        evicted["n"] = compressor.compress(tables["now"], window, order(T))
 
-    compress_ms = wall_ms(compress, sync, runs, setup=fresh_table)
-    fresh_table()
-    request = parts.RequestKVs.of(tables["now"], device)
+    compress_ms = wall_ms(compress, sync, runs,
+                          setup=lambda: tables.update(now=fresh_tables()[0]))
+    request = parts.RequestKVs.of(fresh_tables()[0], device)
     stats_ms = wall_ms(lambda: compressor.window_metric.kernel_statistics(
         [(request, window)], per_group=False), sync, runs)
+
+    # A step that compresses several shorter requests: together (one
+    # statistics and one compaction call) and one at a time.
+    count, tokens = shape["step_requests"], shape["step_tokens"]
+    step, fresh_step, windows = held_requests(parts, shape, count, tokens, device, dtype)
+
+    def jobs():
+        return [parts.CompressionJob(table, w, order(tokens))
+                for table, w in zip(fresh_step(), windows)]
+
+    def together():
+        step.compress_step(tables["jobs"])
+
+    def one_by_one():
+        for job in tables["jobs"]:
+            step.compress(job.table, job.window, job.order)
+
+    step_ms = {name: wall_ms(fn, sync, runs, setup=lambda: tables.update(jobs=jobs()))
+               for name, fn in (("together", together), ("one_by_one", one_by_one))}
 
     # One decode step's attention at the batch, per-head tables of decode_tokens.
     B, N = shape["batch"], shape["decode_tokens"]
@@ -128,10 +169,13 @@ def run(shape: dict, device, dtype, runs: int) -> dict:
     layer_ms = wall_ms(lambda: kernels.paged_attention(
         query, *pool_views(decode_pool), decode_tables, seq_lens, starts, scale,
         max_seq_len=N, max_query_len=1), sync, runs)
-    step_ms = layer_ms * L
+    decode_ms = layer_ms * L
     return {**shape, "dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
             "evicted_kvs": evicted["n"], "compress_ms": compress_ms, "stats_ms": stats_ms,
-            "decode_attention_ms": step_ms, "compress_share_of_decode_step": compress_ms / step_ms}
+            "decode_attention_ms": decode_ms,
+            "compress_share_of_decode_step": compress_ms / decode_ms,
+            "step_compress_ms_together": step_ms["together"],
+            "step_compress_ms_one_by_one": step_ms["one_by_one"]}
 
 
 def device_name(device) -> str:
@@ -146,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--decode-tokens", type=int, default=4096)
     parser.add_argument("--rate", type=float, default=8)
+    parser.add_argument("--step-requests", type=int, default=8,
+                        help="requests compressed in one step (together vs one at a time)")
+    parser.add_argument("--step-tokens", type=int, default=4096)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on CPU in Triton's interpreter: checks the script runs")
@@ -156,14 +203,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.smoke:
         shape = dict(layers=2, kv_heads=2, group=2, head_dim=32, block=16, tokens=96,
-                     window=8, rate=args.rate, batch=2, decode_tokens=48)
+                     window=8, rate=args.rate, batch=2, decode_tokens=48, step_requests=3,
+                     step_tokens=64)
         result = run(shape, torch.device("cpu"), torch.float32, runs=1)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_compression needs CUDA (or --smoke for a CPU check)")
         shape = dict(layers=32, kv_heads=8, group=4, head_dim=128, block=16, tokens=args.tokens,
                      window=32, rate=args.rate, batch=args.batch,
-                     decode_tokens=args.decode_tokens)
+                     decode_tokens=args.decode_tokens, step_requests=args.step_requests,
+                     step_tokens=args.step_tokens)
         result = run(shape, torch.device("cuda"), torch.bfloat16, args.runs)
     print(json.dumps(result, indent=1))
     return result

@@ -23,3 +23,4 @@ def test_compression_benchmark_runs_without_vllm():
     result = json.loads(proc.stdout)
     assert result["evicted_kvs"] > 0
     assert result["compress_ms"] > 0 and result["decode_attention_ms"] > 0
+    assert result["step_compress_ms_together"] > 0 and result["step_compress_ms_one_by_one"] > 0

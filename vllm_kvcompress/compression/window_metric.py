@@ -159,19 +159,18 @@ class WindowMetric:
                                                      num_heads, -1)
                 block_tables = block_tables[:, None].expand(-1, group, -1, -1)
                 seq_lens = seq_lens[:, None].expand(-1, group, -1)
-            rows = q.shape[0]
+                # CAKE's entropy counts the keys older than the window's first query.
+                first = window.positions[window.positions >= 0].min()
+                before.append(first.expand(num_layers * group))
             queries.append(q)
-            positions.append(window.positions.view(1, -1).expand(rows, -1))
+            positions.append(window.positions.view(1, -1).expand(q.shape[0], -1))
             tables.append(block_tables.reshape(-1, num_blocks))
             lens.append(seq_lens.reshape(-1))
-            seen = window.positions[window.positions >= 0]
-            before.append(seen.min().expand(rows))
         stats = self.window_statistics(
             self.pool, torch.cat(queries).contiguous(), torch.cat(positions).contiguous(),
             torch.cat(tables), torch.cat(lens), self.slot_position, self.scale, width,
             entropy_before=torch.cat(before) if per_group else None)
-        per_request = num_layers * num_heads * (len(queries[0]) // num_layers if per_group
-                                                else 1)
+        per_request = len(lens[0])  # kernel rows of one request
         out = []
         for index, (request, _) in enumerate(batch):
             rows = slice(index * per_request, (index + 1) * per_request)

@@ -104,7 +104,8 @@ class WindowMetric:
         if self.window_statistics is not None and stats is None:
             stats = self.kernel_statistics([(request, window)], policy.metric == "cake")[0]
         seen = window.positions >= 0
-        queries = window.queries[:, seen]  # [L, W, Hq, D]
+        # The torch path's queries (a copy); the kernel took the window whole.
+        queries = window.queries[:, seen] if stats is None else None  # [L, W, Hq, D]
         query_positions = window.positions[seen]
         slots, lens, valid = request.slots, request.lens, request.in_head
         if policy.metric == "cake":
@@ -186,7 +187,7 @@ class WindowMetric:
                                          for x in (sum_p, sum_p2, entropy))))
         return out
 
-    def _cake_metric(self, request: RequestKVs, queries: torch.Tensor,
+    def _cake_metric(self, request: RequestKVs, queries: torch.Tensor | None,
                      query_positions: torch.Tensor, settings, stats
                      ) -> tuple[torch.Tensor, np.ndarray]:
         """CAKE's indicator into the stored metric, and the layers' weights

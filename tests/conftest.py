@@ -3,11 +3,14 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# No GPU here: the Triton kernels run in Triton's interpreter, which must be
-# switched on before anything imports them.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be
+# switched on before anything imports them. With one (tests/kernels on a GPU
+# machine) they must be compiled, or the GPU run checks the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

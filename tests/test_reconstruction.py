@@ -31,7 +31,9 @@ def naive(query, key, value, held_keys, held_values, held, scale):
 
 
 @pytest.mark.parametrize("t, h, g, m", [(5, 2, 4, 9), (1, 1, 1, 3), (7, 3, 3, 16)])
-def test_attention_and_scores_match_the_definition(t, h, g, m):
+# One position per tile, a few (the last tile shorter), and all in one tile.
+@pytest.mark.parametrize("tile_elements", [1, 3 * 4 * 25, None])
+def test_attention_and_scores_match_the_definition(t, h, g, m, tile_elements):
     torch.manual_seed(t * 100 + m)
     d = 8
     query = torch.randn(t, h, g, d) * 2
@@ -41,7 +43,8 @@ def test_attention_and_scores_match_the_definition(t, h, g, m):
     held[0, m // 2:] = False  # a shorter head (padding after its KVs)
     held_keys[0, m // 2:] = 1e4  # padding must not leak into the softmax
     out, best = reconstruction_attention(query, key, value, held_keys, held_values,
-                                         held, scale=d ** -0.5)
+                                         held, scale=d ** -0.5,
+                                         tile_elements=tile_elements)
     ref_out, ref_best = naive(query, key, value, held_keys, held_values, held, d ** -0.5)
     assert out.shape == query.shape and best.shape == held.shape
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)

@@ -30,6 +30,18 @@ def import_kernels():
     return importlib.import_module(_NAME)
 
 
+def package_without_plugin() -> None:
+    """Make ``vllm_kvcompress``'s modules importable without the package's
+    ``__init__``, which registers the vLLM plugin and so needs vLLM (the GPU
+    machines have torch and Triton only)."""
+    if "vllm_kvcompress" not in sys.modules:
+        import types
+
+        package = types.ModuleType("vllm_kvcompress")
+        package.__path__ = [str(_DIR.parent / "vllm_kvcompress")]
+        sys.modules["vllm_kvcompress"] = package
+
+
 _FLUSH: torch.Tensor | None = None
 
 

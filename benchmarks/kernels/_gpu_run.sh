@@ -2,6 +2,7 @@
 # Usage (repo root, on a CUDA machine): OUT=/some/dir bash benchmarks/kernels/_gpu_run.sh
 set -x
 export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # compiled kernels, not the interpreter
 nvidia-smi --query-gpu=name,memory.total --format=csv
 python -c "import torch, triton; print(torch.__version__, triton.__version__)"
 timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels > $OUT/tests.log 2>&1; echo "tests rc=$?" | tee -a $OUT/tests.log
@@ -16,3 +17,5 @@ timeout 200 python benchmarks/kernels/bench_all.py --out $OUT/bench.md ${PB:+--p
 cat $OUT/bench.md
 timeout 300 python benchmarks/kernels/bench_compression.py > $OUT/compression.json 2> $OUT/compression.log; echo "compression rc=$?"
 cat $OUT/compression.json
+timeout 120 python benchmarks/kernels/bench_reconstruction.py > $OUT/reconstruction.json 2> $OUT/reconstruction.log; echo "reconstruction rc=$?"
+cat $OUT/reconstruction.json

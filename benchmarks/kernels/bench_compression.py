@@ -27,19 +27,13 @@ import time
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def import_engine_parts():
-    """``vllm_kvcompress``'s compression modules without the package's
-    ``__init__``, which registers the vLLM plugin and so needs vLLM."""
-    if "vllm_kvcompress" not in sys.modules:
-        package = types.ModuleType("vllm_kvcompress")
-        package.__path__ = [str(ROOT / "vllm_kvcompress")]
-        sys.modules["vllm_kvcompress"] = package
+    """``vllm_kvcompress``'s compression modules and kernels, without vLLM."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _bench_utils import import_kernels
+    from _bench_utils import import_kernels, package_without_plugin
 
+    package_without_plugin()
     import_kernels()
     from vllm_kvcompress.attention.ops.triton import TritonOps
     from vllm_kvcompress.attention.pool_view import HeadBlockCache

@@ -15,6 +15,7 @@ from .attention_stats import AttentionStats, attention_stats, attention_stats_re
 from .cache_write import write_kv_cache, write_kv_cache_ref
 from .compaction import compact_kv, compact_kv_ref
 from .paged_attention import paged_attention, paged_attention_ref
+from .reconstruction import reconstruction_attention, reconstruction_attention_ref
 
 __all__ = [
     "HAS_TRITON",
@@ -28,4 +29,6 @@ __all__ = [
     "compact_kv_ref",
     "write_kv_cache",
     "write_kv_cache_ref",
+    "reconstruction_attention",
+    "reconstruction_attention_ref",
 ]

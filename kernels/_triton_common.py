@@ -21,3 +21,17 @@ if HAS_TRITON:
         else:
             s = tl.dot(q, tl.trans(k))
         return s * scale
+
+    @triton.jit
+    def weighted_values(p, v, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """``p @ v`` for a tile of fp32 probabilities and a value tile, with
+        the same precision rules as ``scaled_scores`` (on tensor cores the
+        probabilities go in the values' dtype, accumulation in fp32)."""
+        if UPCAST:
+            if IEEE:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p, v.to(tl.float32))
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        return pv

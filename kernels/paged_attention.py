@@ -25,7 +25,7 @@ from ._common import logical_slots, split_slots
 from ._triton_guard import HAS_TRITON, cdiv, dot_flags, next_pow2, num_sms, require_triton
 
 if HAS_TRITON:
-    from ._triton_common import scaled_scores
+    from ._triton_common import scaled_scores, weighted_values
     from ._triton_guard import tl, triton
 
 __all__ = ["paged_attention", "paged_attention_ref"]
@@ -164,14 +164,7 @@ if HAS_TRITON:
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if UPCAST:
-                if IEEE:
-                    pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-                else:
-                    pv = tl.dot(p, v.to(tl.float32))
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + weighted_values(p, v, UPCAST, IEEE)
             m_i = m_new
 
         has = l_i > 0

@@ -39,11 +39,12 @@ def test_attention_and_scores_match_the_definition(t, h, g, m, tile_elements):
     query = torch.randn(t, h, g, d) * 2
     key, value = torch.randn(t, h, d), torch.randn(t, h, d)
     held_keys, held_values = torch.randn(h, m, d), torch.randn(h, m, d)
-    held = torch.ones(h, m, dtype=torch.bool)
-    held[0, m // 2:] = False  # a shorter head (padding after its KVs)
+    held_lens = torch.full((h,), m)
+    held_lens[0] = m // 2  # a shorter head (padding after its KVs)
+    held = torch.arange(m) < held_lens[:, None]
     held_keys[0, m // 2:] = 1e4  # padding must not leak into the softmax
     out, best = reconstruction_attention(query, key, value, held_keys, held_values,
-                                         held, scale=d ** -0.5,
+                                         held_lens, scale=d ** -0.5,
                                          tile_elements=tile_elements)
     ref_out, ref_best = naive(query, key, value, held_keys, held_values, held, d ** -0.5)
     assert out.shape == query.shape and best.shape == held.shape

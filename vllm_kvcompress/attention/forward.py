@@ -53,7 +53,8 @@ class HeadPagedForward:
         if attn_metadata is None:  # profiling / warm-up / compile / graph capture
             return output.fill_(0)
         if isinstance(attn_metadata, ReconstructionMetadata):  # kvzip scoring
-            attn_metadata.attend(layer.layer_name, query, key, value, output)
+            attn_metadata.attend(layer.layer_name, query, key, value, output,
+                                 self.ops.reconstruction_attention)
             return output
         layer_index = attn_metadata.layer_index[layer.layer_name]
         if attn_metadata.capture is not None:

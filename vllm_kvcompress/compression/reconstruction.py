@@ -59,14 +59,15 @@ TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 def reconstruction_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              held_keys: torch.Tensor, held_values: torch.Tensor,
-                             held: torch.Tensor, scale: float,
+                             held_lens: torch.Tensor, scale: float,
                              tile_elements: int | None = None,
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a reconstruction chunk, and the best probability of each
     held KV.
 
     query [T, H, G, D], key / value [T, H, D] (the chunk's own, causal);
-    held_keys / held_values [H, M, D] with ``held`` [H, M] marking real KVs.
+    held_keys / held_values [H, M, D], head h holding its first
+    ``held_lens[h]`` (the rest is padding).
     One softmax per query over the held KVs and the chunk's visible KVs.
     Returns the output [T, H, G, D] (query dtype) and the score [H, M]
     (float32, 0 on padding): max over the T queries and G group heads.
@@ -76,7 +77,9 @@ def reconstruction_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     positions at a time (``tile_elements`` probabilities at most, default
     per device in ``TILE_ELEMENTS``). A tile's softmax is split in place
     across the held and own parts (no concatenated copy), and its own part
-    stops at the tile's last position (causal).
+    stops at the tile's last position (causal). The CUDA path's ops use the
+    Triton kernels of ``kernels/reconstruction.py`` instead, which keep no
+    probability matrix at all.
     """
     t, h, g, d = query.shape
     m = held_keys.shape[1]
@@ -89,6 +92,7 @@ def reconstruction_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     held_values = held_values.float()
     own_keys_t = key.float().permute(1, 2, 0)  # [H, D, T]
     own_values = value.float().transpose(0, 1)  # [H, T, D]
+    held = torch.arange(m, device=device) < held_lens.to(device)[:, None]
     padding = None if bool(held.all()) else ~held[:, None, :]
     own_positions = torch.arange(t, device=device)
     out = torch.empty(h, t * g, d, dtype=torch.float32, device=device)
@@ -124,18 +128,22 @@ class ReconstructionMetadata:
     num_kv_heads: int
     scale: float
     layer_index: dict[str, int]
-    # layer -> (keys [H, M, D], values [H, M, D], held [H, M])
+    # layer -> (keys [H, M, D], values [H, M, D], held lengths [H])
     gather: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     scores: torch.Tensor  # [L, H, M] float32, maxed over chunks
 
     def attend(self, layer_name: str, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, output: torch.Tensor) -> None:
+               value: torch.Tensor, output: torch.Tensor,
+               attention: Callable = reconstruction_attention) -> None:
+        """One layer's reconstruction attention with ``attention`` (the
+        layer's ops' implementation, same signature as
+        ``reconstruction_attention``)."""
         layer = self.layer_index[layer_name]
         t, h = query.shape[0], self.num_kv_heads
-        keys, values, held = self.gather(layer)
-        out, best = reconstruction_attention(
+        keys, values, held_lens = self.gather(layer)
+        out, best = attention(
             query.view(t, h, -1, keys.shape[-1]), key.view(t, h, -1),
-            value.view(t, h, -1), keys, values, held, self.scale)
+            value.view(t, h, -1), keys, values, held_lens, self.scale)
         output.view(t, -1).copy_(out.reshape(t, -1))
         torch.maximum(self.scores[layer], best, out=self.scores[layer])
 

@@ -102,7 +102,7 @@ class ReconstructionScorer:
         def gather(layer: int):
             b, o = blocks[layer], offsets[layer]
             keys = key_view[b, :, o] if transposed else key_view[b, o]
-            return keys, value_view[b, o], held[layer]
+            return keys, value_view[b, o], lens[layer]
 
         scores = torch.zeros(held.shape, dtype=torch.float32, device=device)
         meta = ReconstructionMetadata(

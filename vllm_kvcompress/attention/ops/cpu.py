@@ -11,6 +11,7 @@ import torch
 from vllm import _custom_ops as ops
 from vllm import envs
 
+from ...compression.reconstruction import reconstruction_attention
 from ..metadata import HeadPagedMetadata
 from ..pool_view import HeadBlockCache
 from .moves import apply_moves
@@ -152,3 +153,5 @@ class CpuOps:
         return key_layout(self.isa, block_size, head_dim, dtype)
 
     move_slots = staticmethod(apply_moves)
+    # kvzip's pass: torch, tiled (compression/reconstruction.py).
+    reconstruction_attention = staticmethod(reconstruction_attention)

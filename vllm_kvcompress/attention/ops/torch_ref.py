@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ...compression.reconstruction import reconstruction_attention
 from ..metadata import HeadPagedMetadata
 from ..pool_view import HeadBlockCache
 from .moves import apply_moves
@@ -83,3 +84,5 @@ class TorchOps:
         return "row_major"
 
     move_slots = staticmethod(apply_moves)
+    # kvzip's pass: torch, tiled (compression/reconstruction.py).
+    reconstruction_attention = staticmethod(reconstruction_attention)

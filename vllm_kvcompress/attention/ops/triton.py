@@ -54,6 +54,13 @@ class TritonOps:
             queries, query_positions, pool_views(pool)[0], block_tables, seq_lens,
             kv_position, scale, max_len=width, entropy_before=entropy_before)
 
+    def reconstruction_attention(self, query, key, value, held_keys, held_values,
+                                 held_lens, scale: float):
+        """kvzip's pass with the Triton kernels: output and scores without a
+        probability matrix in memory."""
+        return _kernels().reconstruction_attention(
+            query, key, value, held_keys, held_values, held_lens, scale)
+
     def key_layout(self, block_size: int, head_dim: int, dtype: torch.dtype) -> str:
         return "row_major"
 

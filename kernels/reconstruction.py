@@ -17,9 +17,9 @@ Two kernels:
   scores of its key tile, turns them into probabilities with the rows'
   log-sum-exp and keeps each key's maximum.
 Each output element has one writer: no atomics, deterministic. The scores
-kernel repeats the forward's ``QK^T`` for the held keys, so the pair costs
-about 1.5 prefill attentions of the chunk instead of a materialised
-``[H, T*G, M]`` matrix per layer.
+kernel repeats the forward's ``QK^T`` for the held keys instead of keeping a
+``[H, T*G, M]`` probability matrix per layer; on an H200 the pair took
+1.1-1.4x the attention of an ordinary prefill chunk of the same size.
 """
 
 from __future__ import annotations

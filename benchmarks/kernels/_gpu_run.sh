@@ -19,3 +19,5 @@ timeout 300 python benchmarks/kernels/bench_compression.py > $OUT/compression.js
 cat $OUT/compression.json
 timeout 120 python benchmarks/kernels/bench_reconstruction.py > $OUT/reconstruction.json 2> $OUT/reconstruction.log; echo "reconstruction rc=$?"
 cat $OUT/reconstruction.json
+timeout 120 python benchmarks/kernels/bench_kvzip_pass.py > $OUT/kvzip_pass.json 2> $OUT/kvzip_pass.log; echo "kvzip pass rc=$?"
+cat $OUT/kvzip_pass.json

@@ -133,11 +133,11 @@ class ReconstructionMetadata:
     scores: torch.Tensor  # [L, H, M] float32, maxed over chunks
 
     def attend(self, layer_name: str, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, output: torch.Tensor,
-               attention: Callable = reconstruction_attention) -> None:
-        """One layer's reconstruction attention with ``attention`` (the
-        layer's ops' implementation, same signature as
-        ``reconstruction_attention``)."""
+               value: torch.Tensor, output: torch.Tensor, attention: Callable) -> None:
+        """One layer's reconstruction attention with ``attention``, the
+        layer's ops' implementation (same signature as
+        ``reconstruction_attention``); no default, so a GPU layer can never
+        fall back to the torch form unnoticed."""
         layer = self.layer_index[layer_name]
         t, h = query.shape[0], self.num_kv_heads
         keys, values, held_lens = self.gather(layer)

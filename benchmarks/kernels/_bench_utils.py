@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +44,20 @@ def package_without_plugin() -> None:
 
 
 _FLUSH: torch.Tensor | None = None
+
+
+def wall_times(fn, device: torch.device, runs: int) -> list[float]:
+    """Wall seconds of ``runs`` calls of ``fn`` after one warm-up call (which
+    compiles), the device synchronised around each; also works on a CPU."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(runs + 1):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return times[1:]
 
 
 def _flush_l2() -> None:

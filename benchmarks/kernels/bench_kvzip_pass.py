@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 if "--smoke" in sys.argv[1:]:  # Triton reads this when the kernels are imported
@@ -32,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_utils import import_kernels  # noqa: E402
+from _bench_utils import import_kernels, wall_times  # noqa: E402
 
 kernels = import_kernels()
 INSTRUCTION_TOKENS = 40
@@ -102,18 +101,6 @@ def kvzip_pass(layers, context, chunk, cache, instruction):
     return scores
 
 
-def seconds(fn, device, runs):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(runs + 1):  # the first run warms up (and compiles)
-        sync()
-        started = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - started)
-    return min(times[1:])
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, nargs="+", default=[8192, 32768])
@@ -140,10 +127,11 @@ def main(argv=None) -> dict:
                                   device=device).to(dtype)
         cache = [(torch.zeros(h, g, n, d, device=device, dtype=dtype),
                   torch.zeros(h, g, n, d, device=device, dtype=dtype)) for _ in layers]
-        prefill_s = seconds(lambda: prefill(layers, context, chunk, cache), device, runs)
+        prefill_s = min(wall_times(lambda: prefill(layers, context, chunk, cache),
+                                   device, runs))
         result = {}
-        pass_s = seconds(lambda: result.update(
-            scores=kvzip_pass(layers, context, chunk, cache, instruction)), device, runs)
+        pass_s = min(wall_times(lambda: result.update(
+            scores=kvzip_pass(layers, context, chunk, cache, instruction)), device, runs))
         rows.append({"context": n, "chunk": chunk, "prefill_s": prefill_s,
                      "kvzip_pass_s": pass_s, "pass_over_prefill": pass_s / prefill_s,
                      "share_of_kvs_scored": (result["scores"] > 0).float().mean().item()})

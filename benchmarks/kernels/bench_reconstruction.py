@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 if "--smoke" in sys.argv[1:]:  # Triton reads this when the kernels are imported
@@ -35,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_utils import import_kernels, package_without_plugin  # noqa: E402
+from _bench_utils import import_kernels, package_without_plugin, wall_times  # noqa: E402
 
 package_without_plugin()
 kernels = import_kernels()
@@ -83,16 +82,10 @@ def check(device, t=96, h=4, g=4, d=64, m=700) -> dict:
 
 
 def elapsed_ms(fn, device, runs: int) -> float:
-    """Median wall milliseconds with the device synchronised (one warm-up)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(runs + 1):
-        sync()
-        started = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - started) * 1e3)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    """Median wall milliseconds (the upper one of an even count) with the
+    device synchronised (one warm-up)."""
+    times = sorted(wall_times(fn, device, runs))
+    return 1e3 * times[len(times) // 2]
 
 
 def peak_scratch_mib(fn, device) -> float | None:

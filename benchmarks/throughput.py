@@ -87,13 +87,23 @@ def worker(spec_path: str, out_path: str) -> None:
         peak = max(peak, len(scheduler.running))
         steps += 1
     elapsed = time.perf_counter() - start
-    stats = getattr(scheduler, "stats", None)
-    Path(out_path).write_text(json.dumps({
+    report = {
         "seconds": elapsed, "tokens": generated, "peak_running": peak, "steps": steps,
-        "compress_share": stats.compress_seconds / elapsed if stats else None,
-        "host_ms_per_step": 1e3 * host["seconds"] / steps if stats else None,
         "compiled": not llm.llm_engine.vllm_config.model_config.enforce_eager,
-    }))
+    }
+    stats = getattr(scheduler, "stats", None)
+    if stats is not None:  # the plugin's engine
+        report.update({
+            "compress_share": stats.compress_seconds / elapsed,
+            "host_ms_per_step": 1e3 * host["seconds"] / steps,
+            # Where compression's time goes: how many ran, how many the pool
+            # running dry ordered, and kvzip's reconstruction passes.
+            "compressions": stats.compressions,
+            "low_memory_compressions": stats.low_memory_compressions,
+            "reconstruction_share": stats.reconstruction_seconds / elapsed,
+            "reconstruction_tokens": stats.reconstruction_tokens,
+        })
+    Path(out_path).write_text(json.dumps(report))
 
 
 def make_prompts(model: str, count: int, length: int) -> list[list[int]]:
@@ -230,8 +240,10 @@ def main() -> None:
         "plugin": [
             {"rate": rate, "tokens_per_s": (tps := results[n]["tokens"] / results[n]["seconds"]),
              "ratio": tps / stock_tps, "peak_running": results[n]["peak_running"],
-             "compress_share": results[n]["compress_share"],
-             "host_ms_per_step": results[n]["host_ms_per_step"],
+             **{key: results[n][key] for key in (
+                 "compress_share", "host_ms_per_step", "compressions",
+                 "low_memory_compressions", "reconstruction_share",
+                 "reconstruction_tokens")},
              "step_ms": 1e3 * results[n]["seconds"] / results[n]["steps"],
              "compiled": results[n]["compiled"]}
             for n, _, rate in variants if rate is not None

@@ -1,11 +1,13 @@
 """KVzip's reconstruction attention against a per-query loop written from
-the definition, and the token layout of the reconstruction chunks."""
+the definition, the token layout of the reconstruction chunks, and the
+scores kept with prefix-cached blocks for reuse."""
 
 import pytest
 import torch
 
 from vllm_kvcompress.compression.reconstruction import (
-    OVERLAP_TOKENS, chunk_start, reconstruction_attention, reconstruction_chunks,
+    OVERLAP_TOKENS, adopt_scores, chunk_start, publish_scores, reconstruction_attention,
+    reconstruction_chunks,
 )
 from vllm_kvcompress.worker.reconstruction import chat_suffix
 
@@ -86,3 +88,53 @@ def test_chat_suffix_is_the_template_turn_change(smollm2):
         chat_template = None
 
     assert chat_suffix(Plain()) == "\n"
+
+
+def cached_prefix(heads=2, blocks=3, bs=4, pool=20):
+    """A pool where head-blocks 0..heads*blocks-1 hold the first
+    ``blocks * bs`` tokens of every head (layer, head, block order) and the
+    next as many ids are a request's fresh copies of them."""
+    position = torch.full((pool, bs), -1, dtype=torch.int32)
+    sources = torch.arange(heads * blocks)
+    copies = sources + heads * blocks
+    position[sources] = (torch.arange(blocks * bs, dtype=torch.int32)
+                         .view(blocks, bs).repeat(heads, 1))
+    position[copies] = position[sources]
+    metric = torch.zeros(pool, bs)
+    return metric, position, torch.zeros(pool, dtype=torch.bool), sources, copies
+
+
+def test_a_later_request_adopts_the_scores_an_earlier_one_published():
+    metric, position, scored, sources, copies = cached_prefix()
+    assert adopt_scores(metric, position, scored, sources, copies, heads=2) == 0
+    metric[copies] = torch.rand(len(copies), 4)  # the first request's pass
+    publish_scores(metric, scored, sources, copies)
+    assert scored[sources].all() and not scored[copies].any()
+    assert torch.equal(metric[sources], metric[copies])
+    published = metric[sources].clone()
+
+    later = copies + len(copies)  # the next request's copies start unscored
+    position[later] = position[sources]
+    assert adopt_scores(metric, position, scored, sources, later, heads=2) == 12
+    assert torch.equal(metric[later], published)
+
+
+def test_only_the_leading_blocks_every_head_has_scored_in_order_are_adopted():
+    metric, position, scored, sources, copies = cached_prefix()
+    metric[copies] = torch.rand(len(copies), 4)
+    publish_scores(metric, scored, sources, copies)
+    later = copies + len(copies)
+    # The request holds blocks 0 and 2 of the cache (block 1 was uncached
+    # and is its own): only tokens 0-3 come scored in order.
+    assert adopt_scores(metric, position, scored, sources[[0, 2, 3, 5]],
+                        later[:4], heads=2) == 4
+    assert torch.equal(metric[later[[0, 2]]], metric[sources[[0, 3]]])
+    assert not metric[later[[1, 3]]].any()
+    # New tokens went into head 1's second block: one block column left.
+    metric[later] = 0
+    scored[sources[4]] = False
+    assert adopt_scores(metric, position, scored, sources, later, heads=2) == 4
+    scored[sources[0]] = False  # and into head 0's first: nothing
+    metric[later] = 0
+    assert adopt_scores(metric, position, scored, sources, later, heads=2) == 0
+    assert not metric[later].any()

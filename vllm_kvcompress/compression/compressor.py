@@ -32,12 +32,15 @@ class CompressionJob:
     """One request's compression in a step. ``window`` is None for policies
     that do not read it; ``reconstruct(table, slots)`` scores the KVs at
     ``slots`` [L, H, M] for the "reconstruction" metric (the worker's kvzip
-    pass)."""
+    pass); ``publish()``, called once those scores are stored and before
+    compaction, shares them with the prefix-cached blocks the request
+    copied."""
 
     table: HeadTable
     window: ObservationWindow | None
     order: object  # protocol.CompressOrder
     reconstruct: Callable | None = None
+    publish: Callable | None = None
 
 
 def keep_best(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -102,10 +105,13 @@ class Compressor:
                                           window_statistics, sum_over_ranks)
 
     def copy_blocks(self, sources: torch.Tensor, copies: torch.Tensor) -> None:
-        """Copy whole head-blocks (K, V, metric, position): copy-on-compress
-        of blocks the prefix cache shares with other requests."""
+        """Copy whole head-blocks (K, V, position): copy-on-compress of
+        blocks the prefix cache shares with other requests. The copies'
+        metric starts at 0: a cached block's may hold kvzip scores kept for
+        reuse, which no other policy's metric may start from (kvzip adopts
+        them explicitly)."""
         self.pool.kv[copies] = self.pool.kv[sources]
-        self.slot_metric[copies] = self.slot_metric[sources]
+        self.slot_metric[copies] = 0.0
         self.slot_position[copies] = self.slot_position[sources]
 
     def compress(self, table: HeadTable, window: ObservationWindow | None, order,
@@ -161,6 +167,8 @@ class Compressor:
                 raise RuntimeError(f"policy {policy.name} needs a reconstruction pass")
             metric = self._raise_metric(job.reconstruct(job.table, slots), slots,
                                         request.in_head)
+            if job.publish is not None:
+                job.publish()
         elif policy.metric is not None:
             metric, preference = self.window_metric.update(policy, request, job.window,
                                                            job.order, stats)

@@ -15,7 +15,10 @@ the layer's key/value activations, so they never touch the books.
 A later compression of the same request (decode-time, cascading) re-reads
 only the tokens added since its last pass and raises the stored scores to
 the new ones where higher, so over a request's life the passes read each
-token once: the extra prefill stays one context long.
+token once: the extra prefill stays one context long. With prefix caching,
+the scores also stay with the cached blocks a request copied
+(``publish_scores``), and a later request hitting them starts from them
+(``adopt_scores``) instead of re-reading its cached prefix.
 """
 
 from __future__ import annotations
@@ -162,3 +165,39 @@ def reconstruction_chunks(context: list[int], chunk: int, instruction: list[int]
             head += continuation + context[max(0, begin - OVERLAP_TOKENS):begin]
         inputs.append(head + suffix + context[begin:begin + chunk])
     return inputs
+
+
+def publish_scores(slot_metric: torch.Tensor, scored: torch.Tensor,
+                   sources: torch.Tensor, copies: torch.Tensor) -> None:
+    """Store a request's fresh kvzip scores with the prefix-cached blocks it
+    copied this step (``copies`` still hold the same tokens as ``sources``:
+    compaction comes later), and mark those blocks scored. ``slot_metric``
+    is the per-slot metric [P, block_size]; ``scored`` [P] bool."""
+    slot_metric[sources] = slot_metric[copies]
+    scored[sources] = True
+
+
+def adopt_scores(slot_metric: torch.Tensor, slot_position: torch.Tensor,
+                 scored: torch.Tensor, sources: torch.Tensor, copies: torch.Tensor,
+                 heads: int) -> int:
+    """A request's first compression copied the prefix-cached blocks it
+    holds (``sources``, ordered layer, head, block; ``heads`` = layers x KV
+    heads of this rank): give the copies the scores an earlier request's
+    pass stored with them, for the longest run of leading blocks that every
+    head has scored and that holds the request's first tokens in order;
+    returns how many tokens that run covers (0: nothing changed). Those
+    scores came from a pass over the earlier request's context, which need
+    not go on as this one does: the same approximation as a decode-time
+    pass that re-reads only new tokens."""
+    if len(sources) == 0:
+        return 0
+    ids = sources.view(heads, -1)  # [heads, k]
+    block_size = slot_position.shape[1]
+    expected = torch.arange(ids.shape[1] * block_size, dtype=slot_position.dtype,
+                            device=slot_position.device).view(-1, block_size)
+    usable = scored[ids].all(0) & (slot_position[ids] == expected).all(-1).all(0)
+    blocks = int(usable.long().cumprod(0).sum())
+    if blocks:
+        taken = copies.view(heads, -1)[:, :blocks]
+        slot_metric[taken] = slot_metric[ids[:, :blocks]]
+    return blocks * block_size

@@ -19,7 +19,7 @@ from vllm.logger import init_logger
 from ..attention.pool_view import HeadBlockCache
 from ..compression.reconstruction import (
     CONTINUATION, INSTRUCTION, OVERLAP_TOKENS, PROMPT_ROOM, ReconstructionMetadata,
-    chunk_start, max_position_of, reconstruction_chunks,
+    adopt_scores, chunk_start, max_position_of, publish_scores, reconstruction_chunks,
 )
 from ..head_table import HeadTable
 
@@ -40,12 +40,26 @@ def chat_suffix(tokenizer) -> str:
 
 class ReconstructionScorer:
     """Runs kvzip passes for the compressor and remembers how far each
-    request's context has been re-read."""
+    request's context has been re-read.
+
+    With prefix caching, a request's first compression copies the cached
+    blocks it holds (copy-on-compress); its pass's scores are then also
+    stored with those cached blocks, so a later request that hits them
+    (the next turn of a chat, another chat with the same system prompt)
+    starts from those scores and re-reads only what follows them.
+    ``scored`` marks the head-blocks whose metric holds such scores; a
+    block loses the mark when new tokens are written into it (a block joins
+    the prefix cache only after its tokens were written, so a mark left on
+    a block reused as a copy is never read)."""
 
     def __init__(self, runner, pool: HeadBlockCache, layout: str, scale: float,
-                 layer_index: dict[str, int], chunk: int):
+                 layer_index: dict[str, int], chunk: int,
+                 slot_metric: torch.Tensor, slot_position: torch.Tensor):
         self.runner = runner
         self.pool = pool
+        self.slot_metric, self.slot_position = slot_metric, slot_position  # [P, bs]
+        self.scored = torch.zeros(slot_metric.shape[0], dtype=torch.bool,
+                                  device=slot_metric.device)
         self.layout = layout
         self.scale = scale
         self.layer_index = layer_index
@@ -82,6 +96,31 @@ class ReconstructionScorer:
     def drop(self, req_id: str) -> None:
         """The request finished or lost its KVs (preempted): start over."""
         self.reread.pop(req_id, None)
+
+    def written(self, slots: torch.Tensor) -> None:
+        """New tokens went into ``slots``: their blocks hold no cached scores."""
+        self.scored[slots // self.pool.block_size] = False
+
+    def adopt(self, req_id: str, sources: np.ndarray, copies: np.ndarray,
+              heads: int) -> None:
+        """Before a request's first pass: take the cached scores of the
+        prefix blocks it just copied, as far as they have them
+        (``adopt_scores``)."""
+        if req_id in self.reread:
+            return
+        device = self.scored.device
+        tokens = adopt_scores(self.slot_metric, self.slot_position, self.scored,
+                              torch.from_numpy(sources).to(device),
+                              torch.from_numpy(copies).to(device), heads)
+        if tokens:
+            self.reread[req_id] = tokens
+
+    def publish(self, sources: np.ndarray, copies: np.ndarray) -> None:
+        """After a pass: store its scores with the cached blocks copied."""
+        device = self.scored.device
+        publish_scores(self.slot_metric, self.scored,
+                       torch.from_numpy(sources).to(device),
+                       torch.from_numpy(copies).to(device))
 
     def score(self, req_id: str, context: np.ndarray, table: HeadTable,
               slots: torch.Tensor) -> tuple[torch.Tensor, int]:

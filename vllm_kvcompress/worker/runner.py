@@ -90,7 +90,8 @@ class HeadPagedRunnerMixin:
             layer_index={name: i for i, name in enumerate(layer_names)})
         self.reconstruction = ReconstructionScorer(
             self, self.head_cache, self.compressor.layout, impl.scale,
-            self.step_inputs.layer_index, self.kv_compress.kvzip_chunk)
+            self.step_inputs.layer_index, self.kv_compress.kvzip_chunk,
+            self.kv_metric, self.kv_position)
         for name in layer_names:
             context[name].impl.bind_pool(self.head_cache)
         for attn_group in self.attn_groups[0]:
@@ -149,18 +150,21 @@ class HeadPagedRunnerMixin:
         reply = CompressReply()
         jobs, copy_pairs = {}, []
         for req_id, order in step.compress.items():
+            copied = None
             if order.copies is not None:  # copy-on-compress, before any change
-                sources, copies = self.rank_slice.local_copies(order.copies)
-                copy_pairs.append(np.stack([sources, copies]).astype(np.int64))
-                self.batch_tables.replace_ids(req_id, sources, copies)
+                copied = self.rank_slice.local_copies(order.copies)
+                copy_pairs.append(np.stack(copied).astype(np.int64))
+                self.batch_tables.replace_ids(req_id, *copied)
             policy = POLICIES[order.settings.policy]
             window = self.windows.window(req_id)
             if window is None and policy.reads_window:
                 raise RuntimeError(f"no observation window for request {req_id}")
-            reconstruct = (self._reconstruction_of(req_id, order, reply)
-                           if policy.metric == "reconstruction" else None)
-            jobs[req_id] = CompressionJob(self.batch_tables.snapshot(req_id), window, order,
-                                          reconstruct)
+            job = CompressionJob(self.batch_tables.snapshot(req_id), window, order)
+            if policy.metric == "reconstruction":
+                job.reconstruct = self._reconstruction_of(req_id, order, reply, copied)
+                if copied is not None:
+                    job.publish = lambda pair=copied: self.reconstruction.publish(*pair)
+            jobs[req_id] = job
         if copy_pairs:  # every request's copies in one call
             pairs = torch.from_numpy(np.concatenate(copy_pairs, axis=1)).to(self.device)
             self.compressor.copy_blocks(*pairs)
@@ -172,14 +176,19 @@ class HeadPagedRunnerMixin:
         reply.seconds = time.perf_counter() - started
         self._reply = self.rank_slice.gather_reply(reply)
 
-    def _reconstruction_of(self, req_id: str, order, reply: CompressReply):
+    def _reconstruction_of(self, req_id: str, order, reply: CompressReply, copied):
         """The kvzip pass over the request's tokens so far, as the
-        compressor's ``reconstruct`` hook; its cost goes on ``reply``."""
+        compressor's ``reconstruct`` hook; its cost goes on ``reply``. With
+        ``copied`` (the prefix-cached blocks just copied: sources, copies)
+        it first adopts their cached scores, if any (after the copies were
+        made, so the hook runs inside the compression step)."""
         row = self.input_batch.req_id_to_index[req_id]
         context = self.input_batch.token_ids_cpu[row, : order.num_tokens].copy()
 
         def reconstruct(table, slots):
             started = time.perf_counter()
+            if copied is not None:
+                self.reconstruction.adopt(req_id, *copied, heads=table.lens.size)
             scores, fed = self.reconstruction.score(req_id, context, table, slots)
             reply.reconstruction_seconds += time.perf_counter() - started
             reply.reconstruction_tokens += fed
@@ -223,6 +232,7 @@ class HeadPagedRunnerMixin:
         self.kv_position.view(-1)[flat_slots] = positions.to(torch.int32)[
             None, :, None].expand_as(slots).reshape(-1)
         self.kv_metric.view(-1)[flat_slots] = 0.0
+        self.reconstruction.written(flat_slots)
         # A request whose compressions read its window keeps it at every step:
         # a compression can be ordered at any step (interval, pool running dry).
         self.step_inputs.capture = self.windows.plan(

@@ -60,6 +60,7 @@ class ReconstructionScorer:
         self.slot_metric, self.slot_position = slot_metric, slot_position  # [P, bs]
         self.scored = torch.zeros(slot_metric.shape[0], dtype=torch.bool,
                                   device=slot_metric.device)
+        self._any_scored = False  # no mark to clear until the first publish
         self.layout = layout
         self.scale = scale
         self.layer_index = layer_index
@@ -98,29 +99,27 @@ class ReconstructionScorer:
         self.reread.pop(req_id, None)
 
     def written(self, slots: torch.Tensor) -> None:
-        """New tokens went into ``slots``: their blocks hold no cached scores."""
-        self.scored[slots // self.pool.block_size] = False
+        """New tokens went into ``slots``: their blocks hold no cached scores
+        (every step; nothing to do before anything was published)."""
+        if self._any_scored:
+            self.scored[slots // self.pool.block_size] = False
 
-    def adopt(self, req_id: str, sources: np.ndarray, copies: np.ndarray,
+    def adopt(self, req_id: str, sources: torch.Tensor, copies: torch.Tensor,
               heads: int) -> None:
         """Before a request's first pass: take the cached scores of the
-        prefix blocks it just copied, as far as they have them
-        (``adopt_scores``)."""
-        if req_id in self.reread:
+        prefix blocks it just copied (ids on the device), as far as they
+        have them (``adopt_scores``)."""
+        if req_id in self.reread or not self._any_scored:
             return
-        device = self.scored.device
         tokens = adopt_scores(self.slot_metric, self.slot_position, self.scored,
-                              torch.from_numpy(sources).to(device),
-                              torch.from_numpy(copies).to(device), heads)
+                              sources, copies, heads)
         if tokens:
             self.reread[req_id] = tokens
 
-    def publish(self, sources: np.ndarray, copies: np.ndarray) -> None:
+    def publish(self, sources: torch.Tensor, copies: torch.Tensor) -> None:
         """After a pass: store its scores with the cached blocks copied."""
-        device = self.scored.device
-        publish_scores(self.slot_metric, self.scored,
-                       torch.from_numpy(sources).to(device),
-                       torch.from_numpy(copies).to(device))
+        publish_scores(self.slot_metric, self.scored, sources, copies)
+        self._any_scored = True
 
     def score(self, req_id: str, context: np.ndarray, table: HeadTable,
               slots: torch.Tensor) -> tuple[torch.Tensor, int]:

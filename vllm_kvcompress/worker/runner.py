@@ -161,9 +161,10 @@ class HeadPagedRunnerMixin:
                 raise RuntimeError(f"no observation window for request {req_id}")
             job = CompressionJob(self.batch_tables.snapshot(req_id), window, order)
             if policy.metric == "reconstruction":
-                job.reconstruct = self._reconstruction_of(req_id, order, reply, copied)
-                if copied is not None:
+                if copied is not None:  # on the device once, for adopt and publish
+                    copied = tuple(torch.from_numpy(ids).to(self.device) for ids in copied)
                     job.publish = lambda pair=copied: self.reconstruction.publish(*pair)
+                job.reconstruct = self._reconstruction_of(req_id, order, reply, copied)
             jobs[req_id] = job
         if copy_pairs:  # every request's copies in one call
             pairs = torch.from_numpy(np.concatenate(copy_pairs, axis=1)).to(self.device)

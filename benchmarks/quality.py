@@ -51,18 +51,19 @@ def register_variants(names: list[str]) -> None:
 
 def run_task(task: str, length: int, cases_n: int, rates: list[float],
              policies: list[str], out_dir: Path, name: str | None = None) -> Path:
-    # Room for every case's prompt in the prefix cache (40 cases of 4K tokens
-    # of SmolLM2 take about 7 GiB), so configurations share their prefills.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "8")
+    # About 90,000 tokens of SmolLM2 in float32; a run whose prompts do not
+    # fit the prefix cache splits its cases (``case_groups``). vLLM's CPU
+    # worker refuses more than its NUMA node has free (7 GiB nodes seen).
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read the scheduler's stats
     import vllm_kvcompress  # noqa: F401
     from tqdm import tqdm
 
     register_variants([p for p in policies if p in VARIANTS])
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
-    from quality_tasks import QUESTION_ROOM, TASKS, score
+    from quality_tasks import QUESTION_ROOM, TASKS
     from vllm_kvcompress.assets import smollm2_path
 
     model = smollm2_path()
@@ -75,42 +76,78 @@ def run_task(task: str, length: int, cases_n: int, rates: list[float],
                       max_num_batched_tokens=length - QUESTION_ROOM,
                       enable_prefix_caching=False)
     llm = LLM(**engine)
-    stats = llm.llm_engine.engine_core.engine_core.scheduler.stats
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    stats = scheduler.stats
     max_tokens = 40 if task == "vartrack" else 12
     configs = [("full", 1.0)] + [(p, r) for r in rates for p in policies]
+    groups = (case_groups(scheduler.head_pool, cases, engine["max_num_seqs"],
+                          engine["max_model_len"])
+              if engine.get("enable_prefix_caching", True) else [cases])
     out = out_dir / f"{name or task}-{length}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for policy, rate in tqdm(configs, desc=f"{task} {length}"):
-        extra = {"kv_compress_rate": rate}
-        if policy != "full":
-            extra["kv_compress_policy"] = policy
-        before = (stats.compress_seconds, stats.reconstruction_seconds,
-                  stats.reconstruction_tokens)
-        started = time.perf_counter()
-        outputs = llm.generate(
-            [{"prompt_token_ids": c["context"] + c["question"]} for c in cases],
-            SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra),
-            use_tqdm=False)
-        wall = time.perf_counter() - started
-        scores = [score(o.outputs[0].text, c["answers"]) for c, o in zip(cases, outputs)]
-        prompt_tokens = sum(len(c["context"]) + len(c["question"]) for c in cases)
-        rows.append({
-            "policy": policy, "rate": rate, "scores": scores,
-            "answers": [o.outputs[0].text for o in outputs],
-            "seconds_per_request": wall / len(cases),
-            "compress_seconds_per_request": (stats.compress_seconds - before[0]) / len(cases),
-            "reconstruction_seconds_per_request":
-                (stats.reconstruction_seconds - before[1]) / len(cases),
-            "reconstruction_tokens_per_prompt_token":
-                (stats.reconstruction_tokens - before[2]) / prompt_tokens,
-        })
-        # Saved after every configuration: a long run stopped early keeps its
-        # finished cells (the report shows the missing ones as "-").
-        out.write_text(json.dumps({"task": task, "length": length, "cases": cases_n,
-                                   "engine": {k: v for k, v in engine.items() if k != "model"},
-                                   "rows": rows}, indent=1) + "\n")
+    rows = [{"policy": policy, "rate": rate, "scores": [], "answers": [],
+             "seconds_per_request": 0.0, "compress_seconds_per_request": 0.0,
+             "reconstruction_seconds_per_request": 0.0,
+             "reconstruction_tokens_per_prompt_token": 0.0} for policy, rate in configs]
+    prompt_tokens = sum(len(c["context"]) + len(c["question"]) for c in cases)
+    progress = tqdm(total=len(configs) * len(groups), desc=f"{task} {length}")
+    for group in groups:
+        for row in rows:
+            run_cell(llm, stats, row, group, len(cases), prompt_tokens, max_tokens)
+            progress.update()
+            # Saved after every cell: a long run stopped early keeps its
+            # finished ones (the report shows the missing ones as "-").
+            out.write_text(json.dumps(
+                {"task": task, "length": length, "cases": cases_n,
+                 "engine": {k: v for k, v in engine.items() if k != "model"},
+                 "case_groups": len(groups),
+                 "rows": [r for r in rows if r["scores"]]}, indent=1) + "\n")
+    progress.close()
     return out
+
+
+def case_groups(pool, cases: list[dict], max_num_seqs: int, max_model_len: int) -> list[list]:
+    """The cases split into as few runs of consecutive cases as keep one
+    run's prompts in the prefix cache with room for the running requests'
+    copies: every configuration then reuses their prefills, and kvzip its
+    scores, instead of the cache evicting each prompt before the next
+    configuration reaches it (it is least recently used)."""
+    per_token = pool.num_layers * pool.num_kv_heads
+    capacity = pool.num_head_blocks * pool.block_size // per_token
+    room = 0.9 * (capacity - max_num_seqs * max_model_len)
+    tokens = sum(len(c["context"]) + len(c["question"]) for c in cases)
+    count = max(1, math.ceil(tokens / room)) if room > 0 else len(cases)
+    size = math.ceil(len(cases) / count)
+    return [cases[i:i + size] for i in range(0, len(cases), size)]
+
+
+def run_cell(llm, stats, row: dict, cases: list[dict], cases_n: int, prompt_tokens: int,
+             max_tokens: int) -> None:
+    """One configuration (``row``'s policy and rate) on some of the cases;
+    their scores and answers are appended to ``row`` and its per-request
+    costs accumulate (divided by all ``cases_n`` cases)."""
+    from vllm import SamplingParams
+
+    from quality_tasks import score
+
+    extra = {"kv_compress_rate": row["rate"]}
+    if row["policy"] != "full":
+        extra["kv_compress_policy"] = row["policy"]
+    before = (stats.compress_seconds, stats.reconstruction_seconds,
+              stats.reconstruction_tokens)
+    started = time.perf_counter()
+    outputs = llm.generate(
+        [{"prompt_token_ids": c["context"] + c["question"]} for c in cases],
+        SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra),
+        use_tqdm=False)
+    row["seconds_per_request"] += (time.perf_counter() - started) / cases_n
+    row["scores"] += [score(o.outputs[0].text, c["answers"]) for c, o in zip(cases, outputs)]
+    row["answers"] += [o.outputs[0].text for o in outputs]
+    row["compress_seconds_per_request"] += (stats.compress_seconds - before[0]) / cases_n
+    row["reconstruction_seconds_per_request"] += (
+        stats.reconstruction_seconds - before[1]) / cases_n
+    row["reconstruction_tokens_per_prompt_token"] += (
+        stats.reconstruction_tokens - before[2]) / prompt_tokens
 
 
 def mean_se(scores: list[float]) -> tuple[float, float]:
@@ -133,12 +170,12 @@ def report(out_dir: Path) -> None:
         data = json.loads(path.read_text())
         rows = data["rows"]
         full = next(r for r in rows if r["policy"] == "full")
-        f_mean, f_se = mean_se(full["scores"])
         rates = sorted({r["rate"] for r in rows if r["policy"] != "full"})
         policies = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"))
         cell = {(r["policy"], r["rate"]): r for r in rows}
         lines = [f"\n**{data['task']}, {data['length']}-token prompts, "
-                 f"{data['cases']} cases per cell** (full cache: {f_mean:.2f} ± {f_se:.2f}; "
+                 f"{data['cases']} cases per cell** (full cache: "
+                 f"{_cell_text(full, mean_se(full['scores']), data['cases'])}; "
                  f"{full['seconds_per_request']:.1f} s per request)\n",
                  "| policy | " + " | ".join(f"rate {r:g}" for r in rates)
                  + " | compression s / request | extra tokens / prompt token |",
@@ -151,13 +188,12 @@ def report(out_dir: Path) -> None:
             seconds = sum(c["compress_seconds_per_request"] for c in done) / len(done)
             extra = sum(c["reconstruction_tokens_per_prompt_token"] for c in done) / len(done)
             lines.append(f"| {policy} | " + " | ".join(
-                f"{m:.2f} ± {s:.2f}" if m is not None else "-"
-                for m, s in (st or (None, None) for st in stats))
+                _cell_text(c, st, data["cases"]) for c, st in zip(cells, stats))
                 + f" | {seconds:.2f} | {extra:.2f} |")
             have = [(r, st) for r, st in zip(rates, stats) if st]
             ax.errorbar([r for r, _ in have], [st[0] for _, st in have],
                         yerr=[st[1] for _, st in have], fmt="o-", capsize=3, label=policy)
-        ax.axhline(f_mean, color="grey", ls="--", label="full cache")
+        ax.axhline(mean_se(full["scores"])[0], color="grey", ls="--", label="full cache")
         ax.set(xscale="log", xlabel="compression rate", ylabel="score",
                title=f"{data['task']}, SmolLM2-135M, {data['length']} tokens",
                ylim=(-0.05, 1.05))
@@ -166,6 +202,15 @@ def report(out_dir: Path) -> None:
         ax.legend(fontsize=7)
         save_report(fig, lines, path)
         plt.close(fig)
+
+
+def _cell_text(row: dict | None, stat: tuple | None, cases: int) -> str:
+    """A table cell: mean ± standard error, with its case count when a run
+    stopped before the cell saw every case."""
+    if row is None:
+        return "-"
+    text = f"{stat[0]:.2f} ± {stat[1]:.2f}"
+    return text if len(row["scores"]) == cases else f"{text} (n={len(row['scores'])})"
 
 
 def main() -> None:

@@ -1,0 +1,33 @@
+"""The quality suite splits its cases so that one group's prompts stay in
+the prefix cache (``benchmarks/quality.py``'s ``case_groups``)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from quality import case_groups  # noqa: E402
+
+from vllm_kvcompress.scheduler.pool import HeadBlockPool  # noqa: E402
+
+
+def _cases(count: int, tokens: int) -> list[dict]:
+    return [{"context": [i] * (tokens - 4), "question": [0] * 4} for i in range(count)]
+
+
+def test_cases_that_fit_run_in_one_group():
+    pool = HeadBlockPool(num_head_blocks=6 * 1000 // 16, num_layers=2, num_kv_heads=3,
+                         block_size=16)  # 1,000 tokens
+    cases = _cases(6, 100)
+    assert case_groups(pool, cases, max_num_seqs=2, max_model_len=100) == [cases]
+
+
+def test_groups_fit_the_cache_beside_the_running_requests_and_keep_order():
+    pool = HeadBlockPool(num_head_blocks=6 * 1000 // 16, num_layers=2, num_kv_heads=3,
+                         block_size=16)  # 1,000 tokens, 200 for two running requests
+    cases = _cases(20, 100)
+    groups = case_groups(pool, cases, max_num_seqs=2, max_model_len=100)
+    assert [len(g) for g in groups] == [7, 7, 6]
+    assert all(sum(len(c["context"]) + len(c["question"]) for c in g) <= 0.9 * 800
+               for g in groups)
+    assert [c for g in groups for c in g] == cases

@@ -6,7 +6,9 @@ SamplingParams.extra_args (rate 1 = full cache). The "after" task runs on an
 engine that compresses between prompt chunks (--kv-compress-cascade) with a
 chunk exactly as long as the haystack and no prefix caching, so every policy
 evicts before the question is read. The others share prompts across
-configurations through vLLM's prefix cache (on by default).
+configurations through vLLM's prefix cache (on by default): every
+configuration runs on a group of cases that the cache holds before the
+next group starts.
 
 Also recorded per configuration: compression seconds, and for kvzip the
 reconstruction pass's seconds and extra tokens per prompt token, next to

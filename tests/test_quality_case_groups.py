@@ -1,14 +1,18 @@
 """The quality suite splits its cases so that one group's prompts stay in
 the prefix cache (``benchmarks/quality.py``'s ``case_groups``)."""
 
-import sys
+import importlib.util
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from vllm_kvcompress.scheduler.pool import HeadBlockPool
 
-from quality import case_groups  # noqa: E402
-
-from vllm_kvcompress.scheduler.pool import HeadBlockPool  # noqa: E402
+# Loaded from its file: putting benchmarks/ on sys.path would let its
+# modules shadow others for the rest of the test session.
+_spec = importlib.util.spec_from_file_location(
+    "quality_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py")
+_quality = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_quality)
+case_groups = _quality.case_groups
 
 
 def _cases(count: int, tokens: int) -> list[dict]:

@@ -91,7 +91,7 @@ def run_task(task: str, length: int, cases_n: int, rates: list[float],
              "seconds_per_request": 0.0, "compress_seconds_per_request": 0.0,
              "reconstruction_seconds_per_request": 0.0,
              "reconstruction_tokens_per_prompt_token": 0.0} for policy, rate in configs]
-    prompt_tokens = sum(len(c["context"]) + len(c["question"]) for c in cases)
+    prompt_tokens = sum(map(prompt_length, cases))
     progress = tqdm(total=len(configs) * len(groups), desc=f"{task} {length}")
     for group in groups:
         for row in rows:
@@ -108,16 +108,19 @@ def run_task(task: str, length: int, cases_n: int, rates: list[float],
     return out
 
 
+def prompt_length(case: dict) -> int:
+    return len(case["context"]) + len(case["question"])
+
+
 def case_groups(pool, cases: list[dict], max_num_seqs: int, max_model_len: int) -> list[list]:
     """The cases split into as few runs of consecutive cases as keep one
     run's prompts in the prefix cache with room for the running requests'
     copies: every configuration then reuses their prefills, and kvzip its
     scores, instead of the cache evicting each prompt before the next
     configuration reaches it (it is least recently used)."""
-    per_token = pool.num_layers * pool.num_kv_heads
-    capacity = pool.num_head_blocks * pool.block_size // per_token
+    capacity = pool.num_head_blocks // pool.heads_per_token_block * pool.block_size
     room = 0.9 * (capacity - max_num_seqs * max_model_len)
-    tokens = sum(len(c["context"]) + len(c["question"]) for c in cases)
+    tokens = sum(map(prompt_length, cases))
     count = max(1, math.ceil(tokens / room)) if room > 0 else len(cases)
     size = math.ceil(len(cases) / count)
     return [cases[i:i + size] for i in range(0, len(cases), size)]

@@ -159,10 +159,10 @@ def platform_setup(platform) -> PlatformSetup:
 def _serve_metrics(args: "EngineArgs") -> None:
     """Give the engine a stats board and show it on this process's /metrics."""
     from .serving.prometheus import serve_board
-    from .serving.stats import PATH_KEY, create_board_file
+    from .serving.stats import PATH_ENV, create_board_file
 
     path = create_board_file()
-    args.additional_config = {**(args.additional_config or {}), PATH_KEY: path}
+    os.environ[PATH_ENV] = path  # the engine process, spawned later, inherits it
     names = args.served_model_name
     if isinstance(names, str):
         names = [names]

@@ -7,6 +7,8 @@ in debug mode the pool's books are checked after every step.
 
 from __future__ import annotations
 
+import os
+
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
@@ -18,7 +20,7 @@ from ..pool_shape import pool_shape
 from ..protocol import (
     REPLY_ATTR, STEP_ATTR, CompressOrder, HeadBooks, PoolBooksError, StepMessage,
 )
-from ..serving.stats import PATH_KEY, CompressionStats, StatsBoard
+from ..serving.stats import PATH_ENV, CompressionStats, StatsBoard
 from .kv_cache_manager import HeadBlockKVCacheManager
 from .pool import HeadBlockPool, NoRoomToCopy
 from .triggers import CompressionTriggers
@@ -48,7 +50,7 @@ class KVCompressScheduler(Scheduler):
         self.triggers = CompressionTriggers(self.head_pool.block_size,
                                             self.kv_compress.cascade)
         self.step_count = 0
-        board_path = (vllm_config.additional_config or {}).get(PATH_KEY)
+        board_path = os.environ.get(PATH_ENV)
         self.stats = CompressionStats(
             StatsBoard(board_path, writable=True) if board_path else None)
         self.stats.publish(self.head_pool)

@@ -3,10 +3,14 @@ API server's ``/metrics``.
 
 vLLM's ``SchedulerStats`` crosses the process boundary with a fixed msgspec
 schema, so extra numbers cannot ride on it. Instead the front end creates a
-small file of float64 values and names it in ``additional_config``; the
-scheduler memory-maps it and writes after every change, and the Prometheus
+small file of float64 values and names it in an environment variable that
+the engine process inherits; the scheduler memory-maps it and writes after every change, and the Prometheus
 collector (``prometheus.py``) reads it at scrape time, so ``/metrics`` is as
 fresh as the last engine step, aborts between steps included.
+
+Not in ``additional_config``: vLLM hashes that into its compile-cache key,
+so a fresh file name at every start would make every start recompile the
+model (about a minute for SmolLM2 on 2 cores) instead of loading the cache.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# additional_config key; not a ``kv_compress_*`` setting, so users never set it.
-PATH_KEY = "vllm_kvcompress_stats_file"
+# Set by the front end for the engine it starts; users never set it.
+PATH_ENV = "VLLM_KVCOMPRESS_STATS_FILE"
 
 FIELDS = (
     "head_blocks_total",

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import vllm_kvcompress_kernels as K
+from param_grid import grid
 from vllm_kvcompress_kernels.testing import DEVICE, make_pool, row_keys, triton_ready
 
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-4, 1e-3), torch.bfloat16: (2e-4, 1e-3)}
@@ -93,9 +94,8 @@ def test_reference_matches_naive_float64(bs, g):
 
 
 @pytest.mark.skipif(not _READY, reason=_WHY)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("g", [1, 3, 4, 8])
-@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("bs, g, dtype", grid(
+    bs=[16, 32], g=[1, 3, 4, 8], dtype=[torch.float32, torch.float16, torch.bfloat16]))
 def test_triton_matches_reference(bs, g, dtype):
     pool, queries, qpos = make_case(bs, g, dtype, seed=7 * bs + g)
     scale = 1.0 / math.sqrt(queries.shape[-1])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import vllm_kvcompress_kernels as K
+from param_grid import grid
 from vllm_kvcompress_kernels.testing import DEVICE, make_pool, row_keys, triton_ready
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -81,10 +82,9 @@ def test_reference_matches_naive_float64(kind, bs, g):
 
 
 @pytest.mark.skipif(not _READY, reason=_WHY)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("g", [1, 3, 4, 8])
-@pytest.mark.parametrize("bs", [16, 32])
-@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("kind, bs, g, dtype", grid(
+    kind=list(CASES), bs=[16, 32], g=[1, 3, 4, 8],
+    dtype=[torch.float32, torch.float16, torch.bfloat16]))
 def test_triton_matches_reference(kind, bs, g, dtype):
     pool, query, qsl = make_case(bs, g, dtype, CASES[kind], seed=11 * bs + g)
     scale = 1.0 / math.sqrt(query.shape[-1])

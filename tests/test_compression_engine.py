@@ -16,21 +16,39 @@ ENGINE = dict(dtype="float32", max_model_len=4096, enforce_eager=True,
               block_size=BS, max_num_batched_tokens=512, kv_compress_debug=True)
 
 
-@pytest.mark.parametrize("rate", [2, 8, 32])
-def test_held_memory_follows_the_rate(tiny_llama, tmp_path, rate):
+RATES = [2, 8, 32]
+OVERRIDE_LEN = 1000
+
+
+@pytest.fixture(scope="module")
+def per_request_rates(tiny_llama, tmp_path_factory):
+    """One engine at rate 16: a 1500-token request at each of RATES (its
+    own setting), each alone in its wave, then two 1000-token requests
+    together, one at the engine's rate and one asking for rate 2."""
+    prompts = [mixed_prompts(tiny_llama, [1500], seed=rate)[0] for rate in RATES]
+    prompts += mixed_prompts(tiny_llama, [OVERRIDE_LEN, OVERRIDE_LEN], seed=5)
+    spec = {"model": tiny_llama, "prompts": prompts, "max_tokens": 3,
+            "engine": {**ENGINE, "kv_compress_rate": 16},
+            "extra_args": [{"kv_compress_rate": rate} for rate in RATES]
+                          + [None, {"kv_compress_rate": 2}],
+            "waves": [[0], [1], [2], [3, 4]]}
+    return run_engine_job(spec, tmp_path_factory.mktemp("rates"), "rates")
+
+
+@pytest.mark.parametrize("index, rate", list(enumerate(RATES)))
+def test_held_memory_follows_the_rate(per_request_rates, index, rate):
+    result, rid = per_request_rates, str(index)
     prompt_len, heads = 1500, 2 * 2  # tiny llama: 2 layers x 2 KV heads
-    prompt = mixed_prompts(tiny_llama, [prompt_len], seed=rate)
-    spec = {"model": tiny_llama, "prompts": prompt, "max_tokens": 3,
-            "engine": {**ENGINE, "kv_compress_rate": rate}}
-    result = run_engine_job(spec, tmp_path, f"rate{rate}")
-    step = first_compressed(result["trace"], "0", prompt_len)
-    info = step["requests"]["0"]
+    step = first_compressed(result["trace"], rid, prompt_len)
+    info = step["requests"][rid]
     target = kept_after_prompt(prompt_len, heads, rate)
     # Whole blocks go, so a request keeps at most one block's worth more.
     assert target <= info["kvs"] < target + BS
     # Held head-blocks: ceil(kept / bs) per head, at most one partial each.
     assert math.ceil(info["kvs"] / BS) <= info["blocks"] <= info["kvs"] / BS + heads
-    # vLLM's KV-usage metric reads the pool, so it drops with it.
+    # vLLM's KV-usage metric reads the pool (the request is alone in it), so
+    # it drops with it.
+    assert list(step["requests"]) == [rid]
     size = result["final"]["size"]
     uncompressed_usage = heads * math.ceil(prompt_len / BS) / size
     assert step["usage"] == pytest.approx(info["blocks"] / size)
@@ -97,14 +115,11 @@ def test_a_pool_running_dry_triggers_compression_before_preemption(tiny_llama, t
     assert result["final"]["held"] == 0
 
 
-def test_request_settings_override_the_engine(tiny_llama, tmp_path):
-    prompts = mixed_prompts(tiny_llama, [1000, 1000], seed=5)
-    spec = {"model": tiny_llama, "prompts": prompts, "max_tokens": 2,
-            "engine": {**ENGINE, "kv_compress_rate": 16},
-            "extra_args": [None, {"kv_compress_rate": 2}]}
-    result = run_engine_job(spec, tmp_path, "override")
-    heads = 4
-    sixteen = first_compressed(result["trace"], "0", 1000)["requests"]["0"]
-    two = first_compressed(result["trace"], "1", 1000)["requests"]["1"]
-    assert kept_after_prompt(1000, heads, 16) <= sixteen["kvs"] < kept_after_prompt(1000, heads, 16) + BS
-    assert kept_after_prompt(1000, heads, 2) <= two["kvs"] < kept_after_prompt(1000, heads, 2) + BS
+def test_request_settings_override_the_engine(per_request_rates):
+    result, heads = per_request_rates, 4
+    sixteen = first_compressed(result["trace"], "3", OVERRIDE_LEN)["requests"]["3"]
+    two = first_compressed(result["trace"], "4", OVERRIDE_LEN)["requests"]["4"]
+    engine_rate = kept_after_prompt(OVERRIDE_LEN, heads, 16)
+    assert engine_rate <= sixteen["kvs"] < engine_rate + BS
+    asked = kept_after_prompt(OVERRIDE_LEN, heads, 2)
+    assert asked <= two["kvs"] < asked + BS

@@ -1,7 +1,8 @@
 """An operator's view of ``vllm serve --kv-compress-rate 8`` (SmolLM2, real
 server process, real openai client, loopback only): the ``vllm:kv_compress_*``
 metrics move as they should, 64 concurrent chat requests of 200-1,000-token
-prompts complete while a third of the clients hang up mid-stream, and bad
+prompts, spread over every policy, complete while a third of the clients
+hang up mid-stream, and bad
 input gets HTTP 400 while the server serves on. Debug mode is on, so the
 scheduler checks its head-block books after every step (a leak or a double
 free would crash the engine and fail every later request)."""
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from engine_helpers import mixed_texts
+from vllm_kvcompress.config import POLICIES
 from server_util import metric, vllm_server, wait_idle
 
 pytestmark = pytest.mark.engine
@@ -109,17 +111,17 @@ def test_a_kvzip_request_counts_its_reconstruction_pass(server, smollm2):
     assert 0 < seconds <= total
 
 
-async def one_chat(client, model: str, text: str, mode: str, rng: random.Random):
+async def one_chat(client, model: str, text: str, mode: str, policy: str,
+                   rng: random.Random):
     """One client: 'plain' waits for the whole answer, 'stream' reads the
     whole stream, 'hang_up' closes the stream after a few chunks."""
-    messages = [{"role": "user", "content": text}]
+    common = dict(model=model, messages=[{"role": "user", "content": text}],
+                  temperature=0.7, extra_body={"vllm_xargs": {"kv_compress_policy": policy}})
     if mode == "plain":
-        reply = await client.chat.completions.create(
-            model=model, messages=messages, max_tokens=16, temperature=0.7)
+        reply = await client.chat.completions.create(max_tokens=16, **common)
         assert reply.choices[0].finish_reason in ("length", "stop")
         return reply.usage.completion_tokens
-    stream = await client.chat.completions.create(
-        model=model, messages=messages, max_tokens=24, temperature=0.7, stream=True)
+    stream = await client.chat.completions.create(max_tokens=24, stream=True, **common)
     hang_up_after = rng.randint(1, 6) if mode == "hang_up" else None
     chunks, finish = 0, None
     async for chunk in stream:
@@ -133,7 +135,8 @@ async def one_chat(client, model: str, text: str, mode: str, rng: random.Random)
     return chunks
 
 
-async def run_load(base: str, model: str, texts: list[str], modes: list[str]):
+async def run_load(base: str, model: str, texts: list[str], modes: list[str],
+                   policies: list[str]):
     """Every client at once; returns their results and the most head-blocks
     /metrics showed held meanwhile."""
     import httpx
@@ -144,8 +147,8 @@ async def run_load(base: str, model: str, texts: list[str], modes: list[str]):
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         client = AsyncOpenAI(base_url=base + "/v1", api_key="unused",
                              http_client=http, max_retries=0)
-        clients = asyncio.gather(*(one_chat(client, model, text, mode, rng)
-                                   for text, mode in zip(texts, modes)))
+        clients = asyncio.gather(*(one_chat(client, model, text, mode, policy, rng)
+                                   for text, mode, policy in zip(texts, modes, policies)))
         most_held = 0.0
         while not clients.done():
             most_held = max(most_held, await asyncio.to_thread(
@@ -162,16 +165,22 @@ def test_64_concurrent_chats_with_hang_ups_leave_nothing_held(server, smollm2):
     texts = mixed_texts(smollm2, lengths, seed=1)
     modes = ["hang_up"] * 24 + ["stream"] * 20 + ["plain"] * 20
     rng.shuffle(modes)
+    # Every policy at once in the same steps (kvzip, the server's default,
+    # for 8 of them: its extra pass would otherwise be most of the run).
+    policies = [POLICIES[i % len(POLICIES)] for i in range(LOAD_REQUESTS)]
+    rng.shuffle(policies)
     evicted_before = kvc(server, "kvs_evicted_total")
+    reread_before = kvc(server, "reconstruction_tokens_total")
 
     started = time.time()
-    results, most_held = asyncio.run(run_load(server, smollm2, texts, modes))
+    results, most_held = asyncio.run(run_load(server, smollm2, texts, modes, policies))
     print(f"{LOAD_REQUESTS} chats, {sum(lengths)} prompt tokens: "
           f"{time.time() - started:.0f} s; most head-blocks held {most_held:.0f}")
 
     assert all(r > 0 for r in results)
     assert most_held > 0
     assert kvc(server, "kvs_evicted_total") > evicted_before
+    assert kvc(server, "reconstruction_tokens_total") > reread_before  # kvzip ran
     assert_nothing_held(server)
     # ... and the next request is served as usual.
     assert chat(server, smollm2, "Name a colour.", max_tokens=5).choices[0].message.content

@@ -2,10 +2,10 @@
 server process, real openai client, loopback only): the ``vllm:kv_compress_*``
 metrics move as they should, 64 concurrent chat requests of 200-1,000-token
 prompts, spread over every policy, complete while a third of the clients
-hang up mid-stream, and bad
-input gets HTTP 400 while the server serves on. Debug mode is on, so the
-scheduler checks its head-block books after every step (a leak or a double
-free would crash the engine and fail every later request)."""
+hang up mid-stream, and bad input gets HTTP 400 while the server serves on.
+Debug mode is on, so the scheduler checks its head-block books after every
+step (a leak or a double free would crash the engine and fail every later
+request)."""
 
 import asyncio
 import math

@@ -29,12 +29,12 @@ import os
 import time
 from pathlib import Path
 
-POLICIES = ["kvzip", "kvcompress", "adakv", "cake", "snapkv", "streamingllm"]
+POLICIES = ["kvzip", "kvzap", "kvcompress", "adakv", "cake", "snapkv", "streamingllm"]
 # Variants that exist only in this benchmark, to measure a design choice:
-# kvzip's scores with Ada-KV's split (equal layer quotas, the heads of a
-# layer ranked against each other) against kvzip's one ranking over all
-# layers and heads.
-VARIANTS = {"kvzip-within-layers": ("kvzip", {"layer_budgets": "equal"})}
+# kvzip's and kvzap's scores with Ada-KV's split (equal layer quotas, the
+# heads of a layer ranked against each other) against their one ranking
+# over all layers and heads.
+VARIANTS = {"kvzip-within-layers": "kvzip", "kvzap-within-layers": "kvzap"}
 
 
 def register_variants(names: list[str]) -> None:
@@ -44,10 +44,11 @@ def register_variants(names: list[str]) -> None:
 
     from vllm_kvcompress import config
     from vllm_kvcompress.compression import policies
+    from vllm_kvcompress.compression.allocation import PerLayer
 
     for name in names:
-        base, changes = VARIANTS[name]
-        policies.POLICIES[name] = replace(policies.POLICIES[base], name=name, **changes)
+        policies.POLICIES[name] = replace(policies.POLICIES[VARIANTS[name]], name=name,
+                                          allocation=PerLayer("equal", variable=True))
         config.POLICIES = (*config.POLICIES, name)
 
 

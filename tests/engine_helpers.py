@@ -54,6 +54,20 @@ def first_compressed(trace, rid, prompt_len):
     raise AssertionError(f"request {rid} never finished its prompt")
 
 
+def check_one_compressed_beside_stock(plugin: dict, stock: dict, lengths: list[int],
+                                      rate: float, heads: int, max_tokens: int) -> None:
+    """Request "0" kept what ``rate`` asks after its prompt (whole blocks:
+    less than one more block per head), every other request answered as
+    stock vLLM did, and every head-block was freed at the end."""
+    kvs = first_compressed(plugin["trace"], "0", lengths[0])["requests"]["0"]["kvs"]
+    target = kept_after_prompt(lengths[0], heads, rate)
+    assert target <= kvs < target + heads * 32
+    for rid in map(str, range(1, len(lengths))):
+        assert plugin["outputs"][rid] == stock["outputs"][rid], f"request {rid} diverged"
+    assert len(plugin["outputs"]["0"]) == max_tokens
+    assert plugin["final"]["held"] == 0 and plugin["final"]["tables"] == []
+
+
 def mixed_prompts(model_path: str, lengths: list[int], seed: int = 0) -> list[list[int]]:
     """Token-id prompts of exactly the given lengths, cut from varied text."""
     return _mixed(model_path, lengths, seed)[0]

@@ -156,7 +156,7 @@ def test_evictable_mask_protects_window_sinks_and_unheld():
 
 
 def test_head_floor_keeps_each_heads_best_kvs():
-    from vllm_kvcompress.compression.compressor import keep_best
+    from vllm_kvcompress.compression.allocation import keep_best
 
     # Head 0's attention sits on one KV: without a floor the single ranking
     # strips the rest of it first.

@@ -150,6 +150,53 @@ def test_without_the_flag_nothing_changes(tiny_llama):
     assert plain.additional_config == {}
 
 
+def test_kvzap_without_a_scorer_for_the_model_is_refused(tiny_llama):
+    from vllm_kvcompress.kvzap.scorer_file import ScorerFileError
+
+    with pytest.raises(ScorerFileError, match="kvzap needs a trained scorer for .*"
+                                              "train_scorer .* --kv-compress-scorer FILE"):
+        build(tiny_llama, kv_compress_rate=8, kv_compress_policy="kvzap")
+    # Another policy starts; a per-request kvzap is then refused (HTTP 400).
+    config = build(tiny_llama, kv_compress_rate=8)
+    assert "kv_compress_scorer" not in {k for k, v in config.additional_config.items()
+                                        if v is not None}
+    from vllm import SamplingParams
+
+    from vllm_kvcompress.request_validation import KVCompressRequestValidator
+
+    with pytest.raises(KVCompressConfigError, match="kvzap needs a trained scorer"):
+        KVCompressRequestValidator.validate_params(
+            SamplingParams(extra_args={"kv_compress_policy": "kvzap"}))
+
+
+def test_a_scorer_for_another_model_is_refused(tiny_llama, smollm2):
+    from vllm_kvcompress.kvzap.scorer_file import BUNDLED_DIR, ScorerFileError
+
+    bundled = next(BUNDLED_DIR.glob("*.safetensors"))  # SmolLM2-135M's
+    with pytest.raises(ScorerFileError, match="--kv-compress-scorer .* differs from .* in: "
+                                              "model_type|num_hidden_layers"):
+        build(tiny_llama, kv_compress_rate=8, kv_compress_policy="kvzap",
+              kv_compress_scorer=str(bundled))
+    with pytest.raises(ScorerFileError, match="--kv-compress-scorer .*cannot read"):
+        build(tiny_llama, kv_compress_rate=8, kv_compress_policy="kvzap",
+              kv_compress_scorer="/nonexistent/scorer.safetensors")
+
+
+def test_the_bundled_scorer_is_found_by_config_not_path(smollm2, tmp_path_factory):
+    """SmolLM2-135M's config (no weights) in another folder, served in
+    another dtype, finds the scorer that ships with the plugin."""
+    from transformers import AutoConfig
+
+    from vllm_kvcompress.kvzap.scorer_file import BUNDLED_DIR
+
+    elsewhere = config_only_model(tmp_path_factory, smollm2, "copy",
+                                  AutoConfig.from_pretrained(smollm2))
+    config = EngineArgs(model=elsewhere, dtype="bfloat16", kv_compress_rate=8,
+                        kv_compress_policy="kvzap").create_engine_config()
+    found = config.additional_config["kv_compress_scorer"]
+    assert found is not None and found.startswith(str(BUNDLED_DIR))
+
+
 def vllm_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     vllm_bin = os.path.join(os.path.dirname(sys.executable), "vllm")
     return subprocess.run([vllm_bin, *args], capture_output=True, text=True,

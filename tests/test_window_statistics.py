@@ -38,8 +38,8 @@ def test_kernel_statistics_equal_the_torch_path(policy, after_prompt, seed):
     for kernel in (None, TritonOps().window_statistics):
         metric = WindowMetric(pool, torch.zeros(kv_position.shape), kv_position.clone(),
                               "row_major", 0.25, window_statistics=kernel)
-        results.append(metric.update(POLICIES[policy], RequestKVs.of(table, pool.kv.device), window,
-                                    order))
+        results.append(metric.update(POLICIES[policy].scorer,
+                                     RequestKVs.of(table, pool.kv.device), window, order))
     (torch_metric, torch_weights), (kernel_metric, kernel_weights) = results
     assert float(torch_metric.abs().max()) > 0
     torch.testing.assert_close(kernel_metric, torch_metric, atol=2e-6, rtol=1e-4)

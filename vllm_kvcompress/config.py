@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Mapping
 
-POLICIES = ("kvcompress", "cake", "adakv", "kvzip", "snapkv", "pyramidkv",
+POLICIES = ("kvcompress", "cake", "adakv", "kvzip", "kvzap", "snapkv", "pyramidkv",
             "streamingllm", "random")
 
 
@@ -94,6 +94,12 @@ def parse_policy(value: Any, key: str) -> str:
     return value
 
 
+def parse_path(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(key, "a file path", value)
+    return value
+
+
 def parse_bool(value: Any, key: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -127,7 +133,13 @@ SETTINGS = (
             "squared attention of recent queries, blocks ranked across all "
             "layers and heads; cake: per-layer budgets from attention "
             "entropy and variance, then that ranking within each layer; "
-            "adakv: equal layer budgets, that ranking within each layer)."),
+            "adakv: equal layer budgets, that ranking within each layer; "
+            "kvzap: kvzip's scores predicted from each KV by a small trained "
+            "model, no extra pass, ranked as kvzip ranks)."),
+    Setting("kv_compress_scorer", parse_path, False,
+            "kvzap only: the trained scorer file (python -m "
+            "vllm_kvcompress.train_scorer MODEL --out FILE); default: the one "
+            "bundled for the model, found by its config (SmolLM2-135M ships)."),
     Setting("kv_compress_head_floor", parse_fraction, True,
             "kvcompress only: every KV head keeps at least this fraction of the "
             "request's average per-head budget (default 0: no floor, as in "
@@ -183,6 +195,7 @@ class KVCompressConfig:
     cake_tau2: float = 1.0
     cake_gamma: float = 200.0
     kvzip_chunk: int = 512
+    scorer: str | None = None
     protected_window: int = 32
     sinks: int = 0
     window: int = 32

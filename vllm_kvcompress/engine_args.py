@@ -202,3 +202,30 @@ def check_vllm_config(vllm_config: "VllmConfig") -> None:
             "heads, and their evictions would have to agree",
             f"Allowed: --tensor-parallel-size up to {kv_heads}.",
         )
+    _resolve_scorer(vllm_config)
+
+
+def _resolve_scorer(vllm_config: "VllmConfig") -> None:
+    """Find kvzap's scorer for this model (``--kv-compress-scorer``, else
+    the bundled one matching its config) and hand its path to every
+    process in ``additional_config``. Required when kvzap is the engine's
+    policy; otherwise a missing one only makes per-request kvzap refused."""
+    from . import request_validation
+    from .kvzap.scorer_file import resolve_scorer
+
+    config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
+    model = vllm_config.model_config
+    required = config.policy == "kvzap"
+    path = resolve_scorer(config.scorer, model.hf_config, model.model, required)
+    tp_size = vllm_config.parallel_config.tensor_parallel_size
+    if path is not None and tp_size > 1:
+        if required or config.scorer is not None:
+            raise _refuse(
+                f"kvzap with --tensor-parallel-size {tp_size} yet: its scorer reads "
+                "every KV head of a layer, and each rank holds only some",
+                "Use --tensor-parallel-size 1 with kvzap.")
+        path = None
+    vllm_config.additional_config["kv_compress_scorer"] = path
+    request_validation.scorer_available = path is not None
+    if path is not None:
+        logger.info("kvzap scorer: %s", path)

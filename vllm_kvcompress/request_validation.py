@@ -14,6 +14,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from .config import KVCompressConfig, KVCompressConfigError
 
 CLASS_PATH = "vllm_kvcompress.request_validation:KVCompressRequestValidator"
+# Whether this front end's engine loaded a kvzap scorer (set at start-up).
+scorer_available = False
 
 
 class KVCompressRequestValidator(LogitsProcessor):
@@ -28,6 +30,13 @@ class KVCompressRequestValidator(LogitsProcessor):
                 raise KVCompressConfigError(
                     f"per-request field {key!r} (vllm_xargs / extra_args): {e}"
                 ) from None
+        if (sampling_params.extra_args or {}).get("kv_compress_policy") == "kvzap" \
+                and not scorer_available:
+            raise KVCompressConfigError(
+                "per-request field 'kv_compress_policy' (vllm_xargs / extra_args): "
+                "kvzap needs a trained scorer for this model, and the server has none; "
+                "start it with --kv-compress-scorer FILE (python -m "
+                "vllm_kvcompress.train_scorer MODEL --out FILE).")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         pass

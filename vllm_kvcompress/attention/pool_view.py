@@ -55,3 +55,14 @@ class HeadBlockCache:
         """Keys ``[N, block_size, head_dim]`` of head-blocks ``block_ids``."""
         keys = self.packed_views(layout)[0][block_ids]
         return keys.transpose(1, 2) if layout == "k_transposed" else keys
+
+    def gather(self, slots: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the KVs at pool ``slots`` [..., M] (block id x
+        block_size + offset): ``[..., M, head_dim]`` each, in the pool's dtype."""
+        key_view, value_view = self.packed_views(layout)
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        if layout == "k_transposed":  # [P, D, bs]: the slice sits between the indices
+            keys = key_view.permute(0, 2, 1)[blocks, offsets]
+        else:
+            keys = key_view[blocks, offsets]
+        return keys, value_view[blocks, offsets]

@@ -9,7 +9,6 @@ compaction moves in one call, and their new lengths to the host in one copy.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,11 +18,12 @@ import torch
 from ..attention.ops.moves import apply_moves
 from ..attention.pool_view import HeadBlockCache
 from ..head_table import HeadTable
-from .budget import eviction_budget, kept_target
+from .allocation import Request
+from .budget import eviction_budget
 from .compaction import slot_moves
-from .layer_budgets import layer_weights, plan_by_layer
-from .planner import EvictionPlan, evictable_mask, plan_uniform, plan_variable
+from .planner import EvictionPlan, evictable_mask
 from .policies import POLICIES
+from .scorers.base import ScoringContext
 from .window_metric import ObservationWindow, RequestKVs, WindowMetric
 
 
@@ -31,8 +31,7 @@ from .window_metric import ObservationWindow, RequestKVs, WindowMetric
 class CompressionJob:
     """One request's compression in a step. ``window`` is None for policies
     that do not read it; ``reconstruct(table, slots)`` scores the KVs at
-    ``slots`` [L, H, M] for the "reconstruction" metric (the worker's kvzip
-    pass); ``publish()``, called once those scores are stored and before
+    ``slots`` [L, H, M] for kvzip (the worker's reconstruction pass); ``publish()``, called once those scores are stored and before
     compaction, shares them with the prefix-cached blocks the request
     copied."""
 
@@ -41,23 +40,14 @@ class CompressionJob:
     order: object  # protocol.CompressOrder
     reconstruct: Callable | None = None
     publish: Callable | None = None
-
-
-def keep_best(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Protect (score +inf) each head's ``count`` best-scored KVs, so a single
-    ranking across heads cannot strip any head below that floor."""
-    scores = torch.as_tensor(scores)
-    ranked = torch.where(torch.isfinite(scores), scores, -torch.inf)
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    best = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    best.scatter_(-1, order[..., :count], True)
-    return torch.where(best, torch.inf, scores)
+    req_id: str = ""  # the learned scorer remembers what it scored per request
 
 
 def make_plan(settings, scores, positions, lens, num_tokens: int, target_tokens: int,
               block_size: int, preference: np.ndarray | None = None
               ) -> EvictionPlan | None:
-    """Which blocks of one request go, by its policy; None if nothing may go.
+    """Which blocks of one request go, by its policy's allocation; None if
+    nothing may go.
 
     ``scores`` and ``positions`` are ``[L, H, M]`` per logical slot, ``lens``
     ``[L, H]`` (torch on any device, or numpy); ``num_tokens`` counts the
@@ -74,19 +64,8 @@ def make_plan(settings, scores, positions, lens, num_tokens: int, target_tokens:
     budget = eviction_budget(settings, lens, evictable, target_tokens)
     if budget <= 0:
         return None
-    heads = lens.numel()
-    if policy.layer_budgets is not None:
-        weights = layer_weights(policy.layer_budgets, len(lens), preference)
-        target = kept_target(settings, target_tokens, heads)
-        return plan_by_layer(scores, lens, evictable, target, weights,
-                             block_size, policy.variable)
-    if policy.variable:
-        if settings.head_floor > 0:
-            average = (int(lens.sum()) - budget) / heads
-            scores = keep_best(scores, math.ceil(settings.head_floor * average))
-        return plan_variable(scores, lens, block_size, budget)
-    keep = math.ceil((int(lens.sum()) - budget) / heads)
-    return plan_uniform(scores, lens, block_size, keep)
+    return policy.allocation.plan(Request(settings, scores, lens, evictable, budget,
+                                          target_tokens, block_size, preference))
 
 
 class Compressor:
@@ -101,6 +80,10 @@ class Compressor:
         self.layout = layout
         self.rng = torch.Generator(device=pool.kv.device).manual_seed(seed)
         self.move_slots = move_slots  # the attention ops' compaction
+        # kvzap's trainer installs a hook here that sees every kvzip pass.
+        self.teacher = None
+        # kvzap's trained scorer (scorers/kvzap.LearnedScores), if loaded.
+        self.learned = None
         self.window_metric = WindowMetric(pool, kv_metric, kv_position, layout, scale,
                                           window_statistics, sum_over_ranks)
 
@@ -131,7 +114,7 @@ class Compressor:
         requests = [RequestKVs.of(job.table, device) if job.table.lens.any() else None
                     for job in jobs]
         stats = self.window_metric.step_statistics(
-            [(POLICIES[job.order.settings.policy], request, job.window)
+            [(POLICIES[job.order.settings.policy].scorer, request, job.window)
              for job, request in zip(jobs, requests)])
         plans, moves = {}, []
         for index, (job, request) in enumerate(zip(jobs, requests)):
@@ -157,26 +140,14 @@ class Compressor:
     def _plan(self, job: CompressionJob, request: RequestKVs, stats) -> EvictionPlan | None:
         """Score one request's KVs by its policy and plan which blocks go."""
         settings = job.order.settings
-        policy = POLICIES[settings.policy]
-        slots = request.slots
-        positions = self.kv_position[slots]
-        metric = torch.zeros(slots.shape, dtype=torch.float64, device=slots.device)
-        preference = None
-        if policy.metric == "reconstruction":
-            if job.reconstruct is None:
-                raise RuntimeError(f"policy {policy.name} needs a reconstruction pass")
-            metric = self._raise_metric(job.reconstruct(job.table, slots), slots,
-                                        request.in_head)
-            if job.publish is not None:
-                job.publish()
-        elif policy.metric is not None:
-            metric, preference = self.window_metric.update(policy, request, job.window,
-                                                           job.order, stats)
-        scores = policy.scores(metric, positions, self.rng)
-        return make_plan(settings, scores, positions, request.lens, job.order.num_tokens,
-                         job.order.target_tokens, job.table.block_size, preference)
+        positions = self.kv_position[request.slots]
+        scored = POLICIES[settings.policy].scorer.score(
+            ScoringContext(self, job, request, positions, stats))
+        return make_plan(settings, scored.scores, positions, request.lens,
+                         job.order.num_tokens, job.order.target_tokens,
+                         job.table.block_size, scored.preference)
 
-    def _raise_metric(self, fresh: torch.Tensor, slots: torch.Tensor,
+    def raise_metric(self, fresh: torch.Tensor, slots: torch.Tensor,
                       in_head: torch.Tensor) -> torch.Tensor:
         """Raise the held KVs' stored metric to ``fresh`` [L, H, M] where
         higher (a best probability: a later pass re-reads only new tokens,

@@ -79,36 +79,38 @@ class WindowMetric:
 
     def step_statistics(self, jobs: list[tuple[object, RequestKVs, ObservationWindow]]
                         ) -> list:
-        """The kernel's statistics of every ``(policy, request, window)`` of a
-        step, one kernel call per kind (CAKE's per group head, the others'
-        per KV head); None per job on the torch path or for a policy that
-        does not read the window."""
+        """The kernel's statistics of every ``(scorer, request, window)`` of a
+        step, one kernel call per kind (per group head for a ``per_group``
+        scorer such as CAKE's, else per KV head); None per job on the torch
+        path or for a scorer that does not read the window."""
         found = [None] * len(jobs)
         if self.window_statistics is None:
             return found
         for per_group in (False, True):
-            picked = [i for i, (policy, request, _) in enumerate(jobs)
-                      if request is not None and policy.reads_window
-                      and (policy.metric == "cake") == per_group]
+            picked = [i for i, (scorer, request, _) in enumerate(jobs)
+                      if request is not None and scorer.reads_window
+                      and scorer.per_group == per_group]
             if picked:
                 stats = self.kernel_statistics([jobs[i][1:] for i in picked], per_group)
                 for i, one in zip(picked, stats):
                     found[i] = one
         return found
 
-    def update(self, policy, request: RequestKVs, window: ObservationWindow, order,
+    def update(self, scorer, request: RequestKVs, window: ObservationWindow, order,
                stats=None) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Score each KV from this window's attention into its stored metric;
-        returns the metric and, for CAKE, each layer's preference weight.
-        ``stats``: this request's kernel statistics if the step computed them."""
+        """Score each KV from this window's attention into its stored metric
+        (CAKE's indicator for a ``per_group`` scorer, else the squared
+        attention); returns the metric and, for CAKE, each layer's
+        preference weight. ``stats``: this request's kernel statistics if
+        the step computed them."""
         if self.window_statistics is not None and stats is None:
-            stats = self.kernel_statistics([(request, window)], policy.metric == "cake")[0]
+            stats = self.kernel_statistics([(request, window)], scorer.per_group)[0]
         seen = window.positions >= 0
         # The torch path's queries (a copy); the kernel took the window whole.
         queries = window.queries[:, seen] if stats is None else None  # [L, W, Hq, D]
         query_positions = window.positions[seen]
         slots, lens, valid = request.slots, request.lens, request.in_head
-        if policy.metric == "cake":
+        if scorer.per_group:
             return self._cake_metric(request, queries, query_positions, order.settings, stats)
         if stats is not None:
             fresh = stats.sum_p2

@@ -132,15 +132,9 @@ class ReconstructionScorer:
         lens = torch.from_numpy(table.lens).to(device)
         width = slots.shape[-1]
         held = torch.arange(width, device=device)[None, None, :] < lens[..., None]  # [L, H, M]
-        blocks = slots // self.pool.block_size
-        offsets = slots % self.pool.block_size
-        key_view, value_view = self.pool.packed_views(self.layout)
-        transposed = self.layout == "k_transposed"
 
         def gather(layer: int):
-            b, o = blocks[layer], offsets[layer]
-            keys = key_view[b, :, o] if transposed else key_view[b, o]
-            return keys, value_view[b, o], lens[layer]
+            return (*self.pool.gather(slots[layer], self.layout), lens[layer])
 
         scores = torch.zeros(held.shape, dtype=torch.float32, device=device)
         meta = ReconstructionMetadata(

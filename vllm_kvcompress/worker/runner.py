@@ -21,8 +21,11 @@ from ..attention.builder import StepInputs
 from ..attention.pool_view import HeadBlockCache
 from ..compression.compressor import CompressionJob, Compressor
 from ..compression.policies import POLICIES
+from ..compression.scorers.kvzap import LearnedScores
 from ..compression.window import WindowStore
 from ..config import KVCompressConfig
+from ..kvzap.features import rotary_spec_of
+from ..kvzap.scorer_file import load_scorer
 from ..pool_shape import pool_shape
 from ..protocol import (
     REPLY_ATTR, STEP_ATTR, CompressReply, PoolBooksError, StepMessage,
@@ -92,6 +95,11 @@ class HeadPagedRunnerMixin:
             self, self.head_cache, self.compressor.layout, impl.scale,
             self.step_inputs.layer_index, self.kv_compress.kvzip_chunk,
             self.kv_metric, self.kv_position)
+        if self.kv_compress.scorer is not None:
+            learned = LearnedScores(load_scorer(self.kv_compress.scorer), self.device)
+            learned.check(shape.num_layers, self.rank_slice.num_kv_heads, spec.head_size,
+                          rotary_spec_of(self.model, spec.head_size))
+            self.compressor.learned = learned
         for name in layer_names:
             context[name].impl.bind_pool(self.head_cache)
         for attn_group in self.attn_groups[0]:
@@ -125,6 +133,8 @@ class HeadPagedRunnerMixin:
             self.batch_tables.drop(req_id)
             self.windows.drop(req_id)
             self.reconstruction.drop(req_id)
+            if self.compressor.learned is not None:
+                self.compressor.learned.drop(req_id)
             self._wants_window.pop(req_id, None)
         if self._step is not None:
             self.batch_tables.apply_grants(self.rank_slice.local_grants(self._step.grants))
@@ -159,8 +169,9 @@ class HeadPagedRunnerMixin:
             window = self.windows.window(req_id)
             if window is None and policy.reads_window:
                 raise RuntimeError(f"no observation window for request {req_id}")
-            job = CompressionJob(self.batch_tables.snapshot(req_id), window, order)
-            if policy.metric == "reconstruction":
+            job = CompressionJob(self.batch_tables.snapshot(req_id), window, order,
+                                 req_id=req_id)
+            if policy.scorer.reconstructs:
                 if copied is not None:  # on the device once, for adopt and publish
                     copied = tuple(torch.from_numpy(ids).to(self.device) for ids in copied)
                     job.publish = lambda pair=copied: self.reconstruction.publish(*pair)
@@ -241,7 +252,7 @@ class HeadPagedRunnerMixin:
 
     def _wants_window_of(self, req_id: str) -> bool:
         """Whether the request may be compressed by a policy that scores
-        KVs from the observation window (kvzip, streamingllm and random
+        KVs from the observation window (kvzip, kvzap, streamingllm and random
         never read it, so their queries are not kept)."""
         known = self._wants_window.get(req_id)
         if known is None:

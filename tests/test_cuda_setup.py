@@ -17,7 +17,6 @@ from vllm.v1.worker.gpu_worker import Worker
 import vllm.platforms
 from vllm_kvcompress import engine_args
 from vllm_kvcompress.attention.cuda_backend import HeadPagedCudaBackend
-from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.engine_args import CUDA_OPT_IN, UnsupportedSetupError
 from vllm_kvcompress.worker.cuda import KVCompressGPUModelRunner, KVCompressGPUWorker
 from vllm_kvcompress.worker.runner import HeadPagedRunnerMixin
@@ -40,8 +39,7 @@ def apply_on(platform: str, monkeypatch, **kwargs) -> EngineArgs:
     monkeypatch.setattr(vllm.platforms, "current_platform", StandInPlatform(platform))
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     args = EngineArgs(model="unused", additional_config={"kv_compress_rate": 8}, **kwargs)
-    engine_args.apply_engine_args(
-        args, KVCompressConfig.from_additional_config(args.additional_config))
+    engine_args.apply_engine_args(args)
     return args
 
 

@@ -156,8 +156,10 @@ def test_kvzap_without_a_scorer_for_the_model_is_refused(tiny_llama):
     with pytest.raises(ScorerFileError, match="kvzap needs a trained scorer for .*"
                                               "train_scorer .* --kv-compress-scorer FILE"):
         build(tiny_llama, kv_compress_rate=8, kv_compress_policy="kvzap")
-    # Another policy starts; a per-request kvzap is then refused (HTTP 400).
+    # Without a policy named the default is kvzip; a per-request kvzap is
+    # then refused (HTTP 400).
     config = build(tiny_llama, kv_compress_rate=8)
+    assert config.additional_config["kv_compress_policy"] == "kvzip"
     assert "kv_compress_scorer" not in {k for k, v in config.additional_config.items()
                                         if v is not None}
     from vllm import SamplingParams
@@ -195,6 +197,11 @@ def test_the_bundled_scorer_is_found_by_config_not_path(smollm2, tmp_path_factor
                         kv_compress_policy="kvzap").create_engine_config()
     found = config.additional_config["kv_compress_scorer"]
     assert found is not None and found.startswith(str(BUNDLED_DIR))
+    # With a scorer found, kvzap is the default policy.
+    default = EngineArgs(model=elsewhere, dtype="float32",
+                         kv_compress_rate=8).create_engine_config()
+    assert default.additional_config["kv_compress_policy"] == "kvzap"
+    assert default.additional_config["kv_compress_scorer"] == found
 
 
 def vllm_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:

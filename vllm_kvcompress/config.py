@@ -126,16 +126,18 @@ SETTINGS = (
             "Instead of a rate, a fixed budget: keep at most this many KVs per "
             "head on average (over all layers and KV heads)."),
     Setting("kv_compress_policy", parse_policy, True,
-            f"Which KVs go: {', '.join(POLICIES)} (default kvzip: scores "
-            "from a pass that makes the model repeat the context, "
-            "query-agnostic, the best quality; it re-reads each request's "
-            "context once, about 3x a prefill's time on CPU; kvcompress: "
-            "squared attention of recent queries, blocks ranked across all "
-            "layers and heads; cake: per-layer budgets from attention "
-            "entropy and variance, then that ranking within each layer; "
-            "adakv: equal layer budgets, that ranking within each layer; "
-            "kvzap: kvzip's scores predicted from each KV by a small trained "
-            "model, no extra pass, ranked as kvzip ranks)."),
+            f"Which KVs go: {', '.join(POLICIES)}. Default: kvzap where a "
+            "trained scorer for the model exists (one ships for "
+            "SmolLM2-135M), else kvzip. kvzap: kvzip's scores predicted "
+            "from each KV by a small trained model, no extra pass, blocks "
+            "ranked across all layers and heads; kvzip: scores from a pass "
+            "that makes the model repeat the context, query-agnostic, about "
+            "3x a prefill's time on CPU; kvcompress: squared attention of "
+            "recent queries, the same ranking; cake: per-layer budgets from "
+            "attention entropy and variance, then that ranking within each "
+            "layer; adakv: equal layer budgets, that ranking within each "
+            "layer; snapkv, pyramidkv, streamingllm, random: the same count "
+            "in every head."),
     Setting("kv_compress_scorer", parse_path, False,
             "kvzap only: the trained scorer file (python -m "
             "vllm_kvcompress.train_scorer MODEL --out FILE); default: the one "

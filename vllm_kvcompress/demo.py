@@ -62,10 +62,11 @@ def main() -> None:
         print(f"\n>>> {shown}\n{out.outputs[0].text.strip()}")
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     pool = scheduler.head_pool
-    print(f"\nKV compression at rate {args.rate:g}: {scheduler.stats.kvs_evicted} KVs "
-          f"evicted; head-blocks held now {pool.num_held}, at most "
-          f"{pool.peak_held}, of {pool.num_head_blocks}.")
     stats = scheduler.stats
+    policy = llm.llm_engine.vllm_config.additional_config["kv_compress_policy"]
+    print(f"\nKV compression at rate {args.rate:g}, policy {policy}: {stats.kvs_evicted} "
+          f"KVs evicted in {stats.compress_seconds:.2f} s; head-blocks held now "
+          f"{pool.num_held}, at most {pool.peak_held}, of {pool.num_head_blocks}.")
     if stats.reconstruction_tokens:
         print(f"kvzip's reconstruction passes re-read {stats.reconstruction_tokens} "
               f"tokens in {stats.reconstruction_seconds:.1f} s (of "

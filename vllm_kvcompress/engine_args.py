@@ -88,7 +88,7 @@ def check_engine_args(args: "EngineArgs") -> None:
         )
 
 
-def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
+def apply_engine_args(args: "EngineArgs") -> None:
     """Set the options the plugin needs; called after ``check_engine_args``."""
     from vllm.platforms import current_platform
 
@@ -128,9 +128,6 @@ def apply_engine_args(args: "EngineArgs", config: KVCompressConfig) -> None:
         )
     args.worker_cls = setup.worker_cls
     _serve_metrics(args)
-    logger.info(
-        "KV compression on: %s, head-block size %d.", config, args.block_size
-    )
 
 
 def platform_setup(platform) -> PlatformSetup:
@@ -203,19 +200,27 @@ def check_vllm_config(vllm_config: "VllmConfig") -> None:
             f"Allowed: --tensor-parallel-size up to {kv_heads}.",
         )
     _resolve_scorer(vllm_config)
+    logger.info(
+        "KV compression on: %s, head-block size %d.",
+        KVCompressConfig.from_additional_config(vllm_config.additional_config),
+        vllm_config.cache_config.block_size)
 
 
 def _resolve_scorer(vllm_config: "VllmConfig") -> None:
     """Find kvzap's scorer for this model (``--kv-compress-scorer``, else
-    the bundled one matching its config) and hand its path to every
-    process in ``additional_config``. Required when kvzap is the engine's
-    policy; otherwise a missing one only makes per-request kvzap refused."""
+    the bundled one matching its config), hand its path to every process in
+    ``additional_config``, and settle the default policy: kvzap where a
+    scorer exists, else kvzip (said in the log). A scorer is required when
+    kvzap is asked for by name; otherwise a missing one only makes
+    per-request kvzap refused (HTTP 400)."""
     from . import request_validation
     from .kvzap.scorer_file import resolve_scorer
 
-    config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
+    additional = vllm_config.additional_config
+    config = KVCompressConfig.from_additional_config(additional)
     model = vllm_config.model_config
-    required = config.policy == "kvzap"
+    chosen = additional.get("kv_compress_policy") is not None
+    required = chosen and config.policy == "kvzap"
     path = resolve_scorer(config.scorer, model.hf_config, model.model, required)
     tp_size = vllm_config.parallel_config.tensor_parallel_size
     if path is not None and tp_size > 1:
@@ -225,7 +230,16 @@ def _resolve_scorer(vllm_config: "VllmConfig") -> None:
                 "every KV head of a layer, and each rank holds only some",
                 "Use --tensor-parallel-size 1 with kvzap.")
         path = None
-    vllm_config.additional_config["kv_compress_scorer"] = path
+    additional["kv_compress_scorer"] = path
     request_validation.scorer_available = path is not None
+    if not chosen:
+        additional["kv_compress_policy"] = "kvzap" if path is not None else "kvzip"
+        if path is None:
+            why = ("kvzap does not run with tensor parallelism yet" if tp_size > 1
+                   else f"no kvzap scorer matches {model.model}; to train one: python -m "
+                        f"vllm_kvcompress.train_scorer {model.model} --out FILE, then "
+                        "pass --kv-compress-scorer FILE")
+            logger.warning("The default policy is kvzip, which re-reads every prompt "
+                           "(about 3x a prefill's time): %s.", why)
     if path is not None:
         logger.info("kvzap scorer: %s", path)

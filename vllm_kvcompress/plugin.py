@@ -119,11 +119,10 @@ def _patch_create_engine_config(engine_args_cls) -> None:
     def create_engine_config(self, *args, **kwargs):
         from . import engine_args
 
-        config = KVCompressConfig.from_additional_config(self.additional_config)
-        if config is None:
+        if KVCompressConfig.from_additional_config(self.additional_config) is None:
             return original(self, *args, **kwargs)
         engine_args.check_engine_args(self)
-        engine_args.apply_engine_args(self, config)
+        engine_args.apply_engine_args(self)
         vllm_config = original(self, *args, **kwargs)
         engine_args.check_vllm_config(vllm_config)
         return vllm_config

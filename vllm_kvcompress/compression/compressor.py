@@ -31,7 +31,8 @@ from .window_metric import ObservationWindow, RequestKVs, WindowMetric
 class CompressionJob:
     """One request's compression in a step. ``window`` is None for policies
     that do not read it; ``reconstruct(table, slots)`` scores the KVs at
-    ``slots`` [L, H, M] for kvzip (the worker's reconstruction pass); ``publish()``, called once those scores are stored and before
+    ``slots`` [L, H, M] for kvzip (the worker's reconstruction pass);
+    ``publish()``, called once those scores are stored and before
     compaction, shares them with the prefix-cached blocks the request
     copied."""
 

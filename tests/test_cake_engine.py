@@ -29,10 +29,10 @@ def record_plans(spec: dict) -> dict:
     """``engine_job.run`` with every per-layer plan recorded."""
     from engine_job import run
 
-    from vllm_kvcompress.compression import compressor
+    from vllm_kvcompress.compression import allocation
     from vllm_kvcompress.compression.layer_budgets import allocate
 
-    plans, original = [], compressor.plan_by_layer
+    plans, original = [], allocation.plan_by_layer
 
     def recording(scores, lens, evictable, target, weights, block_size, variable):
         plan = original(scores, lens, evictable, target, weights, block_size, variable)
@@ -47,7 +47,7 @@ def record_plans(spec: dict) -> dict:
         })
         return plan
 
-    compressor.plan_by_layer = recording
+    allocation.plan_by_layer = recording
     return {**run(spec), "plans": plans}
 
 

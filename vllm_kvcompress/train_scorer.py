@@ -28,9 +28,11 @@ QUESTION = "\n\nWhat is the text above about?"
 SINKS = 4
 
 
-def install_capture(worker, _unused=None):
+def install_capture(worker):
     """Worker side: hook a ``TeacherCapture`` into the compressor; returns
     the rotary pairing the features use."""
+    import torch
+
     from vllm_kvcompress.kvzap.features import rotary_spec_of, token_features
     from vllm_kvcompress.kvzap.teacher import TeacherCapture
 
@@ -38,17 +40,11 @@ def install_capture(worker, _unused=None):
     pool = runner.head_cache
     rotary = rotary_spec_of(runner.model, pool.head_dim)
     layers, heads = runner.batch_tables.num_layers, runner.batch_tables.num_kv_heads
-    probe = token_features(torch_zeros(heads, 1, pool.head_dim),
-                           torch_zeros(heads, 1, pool.head_dim), rotary)
+    one_token = torch.zeros(heads, 1, pool.head_dim)
+    width = token_features(one_token, one_token, rotary).shape[1]
     runner.compressor.teacher = TeacherCapture(
-        pool, runner.compressor.layout, rotary, layers, heads, probe.shape[1], SINKS)
+        pool, runner.compressor.layout, rotary, layers, heads, width, SINKS)
     return rotary
-
-
-def torch_zeros(*shape):
-    import torch
-
-    return torch.zeros(*shape)
 
 
 def set_split(worker, split: str):

@@ -122,6 +122,36 @@ def test_prediction_equals_the_hand_computed_sum():
                                     rel_tol=1e-4, abs_tol=1e-4)
 
 
+def test_ranks_sum_to_the_one_rank_prediction():
+    """Tensor parallelism: 4 KV heads over 2 ranks. Each rank's share of
+    every head's prediction depends on its own heads' K/V alone, and the
+    shares summed over the ranks give each rank exactly the one-rank
+    prediction of its heads."""
+    whole = LearnedScores(tiny_scorer(heads=4, seed=5), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(6)
+    keys, values = torch.randn(2, 4, 3, 4, generator=gen), torch.randn(2, 4, 3, 4, generator=gen)
+    expected = whole.predict(keys, values)  # [L, 4 heads, N]
+    shares = {}
+
+    def keep(rank):
+        def record(values):
+            shares[rank] = values.copy()
+            return values
+        return record
+
+    ranks = [slice(0, 2), slice(2, 4)]
+    for rank, heads in enumerate(ranks):  # each rank's share alone
+        LearnedScores(tiny_scorer(heads=4, seed=5), torch.device("cpu"), heads,
+                      keep(rank)).predict(keys[:, heads], values[:, heads])
+    assert shares[0].shape == (2, 3, 4)  # [L, N, every head]
+    for rank, heads in enumerate(ranks):
+        split = LearnedScores(tiny_scorer(heads=4, seed=5), torch.device("cpu"), heads,
+                              lambda _: shares[0] + shares[1])
+        split.check(2, 4, 4, NEOX)  # checked against the whole model's heads
+        torch.testing.assert_close(split.predict(keys[:, heads], values[:, heads]),
+                                   expected[:, heads], atol=1e-5, rtol=1e-5)
+
+
 def test_a_compression_scores_only_what_was_written_since_the_last():
     """Two heads whose older KVs were compacted into different orders; the
     new tokens sit at each head's tail. Only those get (new) predictions,

@@ -27,23 +27,39 @@ def llama_4kv(smollm2) -> str:
     return tiny_llama_path(num_kv_heads=KV_HEADS)
 
 
+@pytest.fixture(scope="module")
+def scorer_4kv(llama_4kv, tmp_path_factory) -> str:
+    """A kvzap scorer for the tiny model (seeded random weights: what is
+    tested here is that every rank scores and evicts, not what it keeps)."""
+    from vllm_kvcompress.kvzap.untrained import write_untrained_scorer
+
+    return str(write_untrained_scorer(llama_4kv, tmp_path_factory.mktemp("scorer") / "s.st"))
+
+
 def blocks_per_rank(tokens: int) -> int:
     """Head-blocks one rank holds for ``tokens`` uncompressed KVs per head."""
     return -(-tokens // BLOCK) * LAYERS * (KV_HEADS // RANKS)
 
 
-def test_rate_1_is_stock_and_rate_8_frees_blocks_on_every_rank(llama_4kv, tmp_path):
+def test_rate_1_is_stock_and_rate_8_frees_blocks_on_every_rank(llama_4kv, scorer_4kv,
+                                                              tmp_path):
     """Both engines in vLLM's default compiled mode. Requests 0-2 are sent at
-    rate 1 (per-request setting), 3-5 at the engine's rate 8."""
+    rate 1 (per-request setting), 3-5 at the engine's rate 8: 3 and 4 with
+    the default policy, kvzap (the scorer is given), whose ranks sum their
+    shares of each prediction; 5 with kvzip (per-request setting)."""
     lengths = [300, 900, 150, 1000, 600, 450]
     prompts = mixed_prompts(llama_4kv, lengths, seed=5)
     spec = {"model": llama_4kv, "prompts": prompts, "max_tokens": 48, "env": ENV}
     stock = run_engine_job({**spec, "engine": TP}, tmp_path, "tp-stock")
     rate_1 = {"kv_compress_rate": 1}
-    plugin = run_engine_job({**spec, "engine": {**TP, **DEBUG, "kv_compress_rate": 8},
-                             "extra_args": [rate_1] * 3 + [None] * 3},
+    plugin = run_engine_job({**spec, "engine": {**TP, **DEBUG, "kv_compress_rate": 8,
+                                                "kv_compress_scorer": scorer_4kv},
+                             "extra_args": [rate_1] * 3 + [None] * 2
+                             + [{"kv_compress_policy": "kvzip"}]},
                             tmp_path, "tp-plugin")
     assert plugin["compiled"] and stock["compiled"]
+    # Only request 5's context was re-read (kvzip); kvzap re-reads nothing.
+    assert 0 < plugin["reconstruction_tokens"] < lengths[4]
     for i in "012":
         assert plugin["outputs"][i] == stock["outputs"][i]
     for i in "345":

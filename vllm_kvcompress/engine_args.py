@@ -222,24 +222,15 @@ def _resolve_scorer(vllm_config: "VllmConfig") -> None:
     chosen = additional.get("kv_compress_policy") is not None
     required = chosen and config.policy == "kvzap"
     path = resolve_scorer(config.scorer, model.hf_config, model.model, required)
-    tp_size = vllm_config.parallel_config.tensor_parallel_size
-    if path is not None and tp_size > 1:
-        if required or config.scorer is not None:
-            raise _refuse(
-                f"kvzap with --tensor-parallel-size {tp_size} yet: its scorer reads "
-                "every KV head of a layer, and each rank holds only some",
-                "Use --tensor-parallel-size 1 with kvzap.")
-        path = None
     additional["kv_compress_scorer"] = path
     request_validation.scorer_available = path is not None
     if not chosen:
         additional["kv_compress_policy"] = "kvzap" if path is not None else "kvzip"
         if path is None:
-            why = ("kvzap does not run with tensor parallelism yet" if tp_size > 1
-                   else f"no kvzap scorer matches {model.model}; to train one: python -m "
-                        f"vllm_kvcompress.train_scorer {model.model} --out FILE, then "
-                        "pass --kv-compress-scorer FILE")
-            logger.warning("The default policy is kvzip, which re-reads every prompt "
-                           "(about 3x a prefill's time): %s.", why)
+            logger.warning(
+                "The default policy is kvzip, which re-reads every prompt (about 3x a "
+                "prefill's time): no kvzap scorer matches %s; to train one: python -m "
+                "vllm_kvcompress.train_scorer %s --out FILE, then pass "
+                "--kv-compress-scorer FILE.", model.model, model.model)
     if path is not None:
         logger.info("kvzap scorer: %s", path)

@@ -96,9 +96,11 @@ class HeadPagedRunnerMixin:
             self.step_inputs.layer_index, self.kv_compress.kvzip_chunk,
             self.kv_metric, self.kv_position)
         if self.kv_compress.scorer is not None:
-            learned = LearnedScores(load_scorer(self.kv_compress.scorer), self.device)
-            learned.check(shape.num_layers, self.rank_slice.num_kv_heads, spec.head_size,
-                          rotary_spec_of(self.model, spec.head_size))
+            ranks = self.rank_slice
+            learned = LearnedScores(load_scorer(self.kv_compress.scorer), self.device,
+                                    ranks.heads, ranks.sum_over_ranks)
+            learned.check(shape.num_layers, ranks.num_kv_heads * ranks.num_ranks,
+                          spec.head_size, rotary_spec_of(self.model, spec.head_size))
             self.compressor.learned = learned
         for name in layer_names:
             context[name].impl.bind_pool(self.head_cache)

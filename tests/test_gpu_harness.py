@@ -148,8 +148,12 @@ def test_device_script_dry_run_plans_a_kv_bound_run(tmp_path):
     assert pool_tokens < work["prompts"] * (work["input_len"] + work["output_len"]) / 4
     assert plugin["engine"]["num_gpu_blocks_override"] == stock["engine"]["num_gpu_blocks_override"]
     assert plugin["engine"]["kv_compress_rate"] == 1
-    assert [w["extra_args"]["kv_compress_rate"] for w in plugin["workloads"]] == [1, 8, 32, 64, 8]
-    assert plugin["workloads"][-1]["extra_args"]["kv_compress_policy"] == "kvcompress"
+    assert [(w["extra_args"]["kv_compress_policy"], w["extra_args"]["kv_compress_rate"])
+            for w in plugin["workloads"]] == [("kvzap", 1), ("kvzap", 8), ("kvzap", 32),
+                                              ("kvzap", 64), ("kvzip", 8), ("kvcompress", 8)]
+    assert plugin["engine"]["kv_compress_scorer"].endswith("kvzap-untrained.safetensors")
+    assert [w["name"] for w in plugin["warmups"]] == [
+        "warmup-kvzap", "warmup-kvzip", "warmup-kvcompress"]
     assert plugin["env"]["VLLM_KVCOMPRESS_UNVERIFIED_CUDA"] == "1"
     assert max(stock["exact"]["lengths"]) + stock["exact"]["max_tokens"] <= \
         stock["engine"]["max_model_len"]
@@ -185,6 +189,9 @@ import json, sys
 spec = json.load(open(sys.argv[1]))
 out = sys.argv[2]
 kind, mode, dtype = spec["kind"], spec["mode"], spec["engine"]["dtype"]
+if kind == "plugin":  # the driver wrote the stand-in's kvzap scorer
+    from vllm_kvcompress.kvzap.scorer_file import load_scorer
+    load_scorer(spec["engine"]["kv_compress_scorer"])
 if kind == "stock" and mode == "compiled":
     json.dump({"kind": kind, "mode": mode, "started": False}, open(out, "w"))
     sys.exit(1)
@@ -226,9 +233,9 @@ def test_driver_falls_back_restarts_and_reports(tmp_path):
         "stock-fp32-eager", "plugin-fp32-eager"]
     assert "FALLBACK mode compiled-no-aot" in proc.stdout
     rows = {row["engine"]: row["ratio"] for row in report["throughput"]}
-    assert rows == {"stock": 1.0, "plugin rate1": 1.0, "plugin rate8": 2.0,
-                    "plugin rate32": 1.0, "plugin rate64": 2.0,
-                    "plugin kvcompress-rate8": 3.0}
+    assert rows == {"stock": 1.0, "plugin kvzap-rate1": 1.0, "plugin kvzap-rate8": 2.0,
+                    "plugin kvzap-rate32": 1.0, "plugin kvzap-rate64": 2.0,
+                    "plugin kvzip-rate8": 3.0, "plugin kvcompress-rate8": 4.0}
     assert report["exact_bf16"]["prompts"][0]["first_difference"] == 2
     assert report["exact_fp32"]["identical"] is True
     assert report["workload"]["kv_pool_gib"] == pytest.approx(2443 * 16 * 131072 / 2**30)

@@ -102,7 +102,8 @@ def config_check(model: Path) -> dict:
     out = {}
     for name, kwargs in (("stock", engine_plan.stock_args(model, "compiled")),
                          ("stock-eager", engine_plan.stock_args(model, "eager")),
-                         ("plugin", engine_plan.plugin_args(model, "compiled", rate=1))):
+                         ("plugin", {**engine_plan.plugin_args(model, "compiled", rate=1),
+                                     "kv_compress_scorer": str(untrained_scorer(model))})):
         os.environ.update(engine_plan.PLUGIN_ENV if name == "plugin" else {})
         config = EngineArgs(**kwargs).create_engine_config()
         cc = config.compilation_config
@@ -111,14 +112,24 @@ def config_check(model: Path) -> dict:
                      "attention_backend": str(config.attention_config.backend),
                      "block_size": config.cache_config.block_size,
                      "worker_cls": config.parallel_config.worker_cls,
-                     "rms_norm": list(config.kernel_config.ir_op_priority.rms_norm)}
+                     "rms_norm": list(config.kernel_config.ir_op_priority.rms_norm),
+                     "policy": config.additional_config.get("kv_compress_policy")}
     assert out["stock"]["mode"] == 3 and out["stock"]["custom_ops"] == ["none"], out
     assert out["stock"]["rms_norm"] == ["native"], out
     # Eager: native first (vLLM appends the platform's others as fallbacks).
     assert out["stock-eager"]["mode"] == 0 and out["stock-eager"]["rms_norm"][0] == "native", out
     assert out["plugin"]["attention_backend"].endswith("CUSTOM"), out
     assert out["plugin"]["worker_cls"].endswith("KVCompressGPUWorker"), out
+    # The stand-in's untrained scorer matches its config: kvzap is the default.
+    assert out["plugin"]["policy"] == "kvzap", out
     return out
+
+
+def untrained_scorer(model: Path) -> Path:
+    """The path engine_bench.py writes the stand-in's scorer to."""
+    import engine_bench
+
+    return engine_bench.scorer_path(model)
 
 
 def prepare(work: Path, source: Path | None) -> dict:
@@ -137,6 +148,9 @@ def prepare(work: Path, source: Path | None) -> dict:
     files = vllm_tree.write_tree(source, work / "tree")
     plugin_dist.install(work / "site")
     model_shape.write_model(work / "model")
+    from vllm_kvcompress.kvzap.untrained import write_untrained_scorer
+
+    write_untrained_scorer(work / "model", untrained_scorer(work / "model"))
     site = cpu_device.device_site(work / "device-site")
     return {"source": str(source), "tree_files": files, "device_site": site}
 

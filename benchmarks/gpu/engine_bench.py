@@ -8,8 +8,11 @@ Steps, in order of importance, each given what is left of ``--budget-s``:
    exactness prompts, a warm-up, then the KV-bound throughput workload;
 2. the plugin (``kv_compress_rate=1``) in the mode stock ran in (else the next
    ones): the same exactness prompts (greedy tokens compared with stock's),
-   then the workload at each rate of ``--rates`` (set per request) with the
-   default policy (kvzip), and ``--also-policy`` at ``--also-rate``;
+   then the workload at each rate of ``--rates`` (set per request) with
+   kvzap, the product's default where a model has a scorer (the stand-in
+   has no weights to train one on, so it gets an untrained scorer of
+   seeded random weights: its cost is real, its choices are not), and each
+   of ``--also-policies`` at ``--also-rate``;
 3. if time is left and the bf16 tokens differ: the exactness prompts again in
    float32, eager, both engines (rounding no longer hides a real difference).
 
@@ -53,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stock-fits", type=int, default=6,
                    help="uncompressed requests the KV pool holds")
     p.add_argument("--rates", type=float, nargs="+", default=[1, 8, 32, 64])
-    p.add_argument("--also-policy", default="kvcompress",
-                   help="a second policy, run at --also-rate ('' for none)")
+    p.add_argument("--policy", default="kvzap", help="the policy run at every --rates")
+    p.add_argument("--also-policies", nargs="*", default=["kvzip", "kvcompress"],
+                   help="more policies, each run at --also-rate")
     p.add_argument("--also-rate", type=float, default=8)
     p.add_argument("--modes", nargs="+", default=list(engine_plan.MODES),
                    choices=engine_plan.MODES, help="tried in this order")
@@ -80,14 +84,24 @@ def workload(name: str, args, prompts: int, output_len: int, extra_args=None) ->
             "output_len": output_len, "extra_args": extra_args}
 
 
+def compressed(policy: str, rate: float) -> dict:
+    return {"kv_compress_rate": rate, "kv_compress_policy": policy}
+
+
 def plugin_workloads(args) -> list[dict]:
-    works = [workload(f"rate{r:g}", args, args.prompts, args.output_len,
-                      {"kv_compress_rate": r}) for r in args.rates]
-    if args.also_policy:
-        works.append(workload(f"{args.also_policy}-rate{args.also_rate:g}", args, args.prompts,
-                              args.output_len, {"kv_compress_rate": args.also_rate,
-                                                "kv_compress_policy": args.also_policy}))
-    return works
+    runs = [(args.policy, r) for r in args.rates]
+    runs += [(policy, args.also_rate) for policy in args.also_policies]
+    return [workload(f"{policy}-rate{rate:g}", args, args.prompts, args.output_len,
+                     compressed(policy, rate)) for policy, rate in runs]
+
+
+def uses_kvzap(args) -> bool:
+    return "kvzap" in (args.policy, *args.also_policies)
+
+
+def scorer_path(model: Path) -> Path:
+    """Where the stand-in's untrained kvzap scorer is written."""
+    return model / "kvzap-untrained.safetensors"
 
 
 def job_spec(kind: str, mode: str, model: Path, args, *, dtype="bfloat16",
@@ -96,8 +110,13 @@ def job_spec(kind: str, mode: str, model: Path, args, *, dtype="bfloat16",
     sizing = dict(dtype=dtype, max_model_len=args.input_len + args.output_len)
     if throughput:
         sizing["num_blocks"] = kv_blocks(args)
-    build = engine_plan.stock_args if kind == "stock" else engine_plan.plugin_args
-    spec = {"kind": kind, "mode": mode, "engine": build(model, mode, **sizing),
+    if kind == "stock":
+        engine = engine_plan.stock_args(model, mode, **sizing)
+    else:
+        engine = engine_plan.plugin_args(model, mode, **sizing)
+        if uses_kvzap(args):
+            engine["kv_compress_scorer"] = str(scorer_path(model))
+    spec = {"kind": kind, "mode": mode, "engine": engine,
             "env": engine_plan.env_for(kind, mode), "weights": args.weights,
             "exact": {"lengths": args.exact_lengths, "max_tokens": args.exact_tokens},
             "warmups": [], "workloads": []}
@@ -108,11 +127,8 @@ def job_spec(kind: str, mode: str, model: Path, args, *, dtype="bfloat16",
             spec["warmups"] = [workload("warmup", args, 2, 8)]
             spec["workloads"] = [workload("stock", args, args.prompts, args.output_len)]
         else:
-            spec["warmups"] = [workload("warmup", args, 2, 8, {"kv_compress_rate": 8})]
-            if args.also_policy:
-                spec["warmups"].append(workload(
-                    f"warmup-{args.also_policy}", args, 2, 8,
-                    {"kv_compress_rate": 8, "kv_compress_policy": args.also_policy}))
+            spec["warmups"] = [workload(f"warmup-{policy}", args, 2, 8, compressed(policy, 8))
+                               for policy in dict.fromkeys([args.policy, *args.also_policies])]
             spec["workloads"] = plugin_workloads(args)
     return spec
 
@@ -239,6 +255,10 @@ def main(argv=None) -> None:
         print(json.dumps(plan, indent=1))
         return
     model = model_shape.write_model(Path(tempfile.mkdtemp(prefix="llama-8b-shape-")))
+    if uses_kvzap(args):
+        from vllm_kvcompress.kvzap.untrained import write_untrained_scorer
+
+        write_untrained_scorer(model, scorer_path(model))
     run = Run(args)
     run.report["environment"] = environment()
     run.save()

@@ -59,3 +59,13 @@ def tiny_llama(smollm2) -> str:
     from vllm_kvcompress.assets import tiny_llama_path
 
     return tiny_llama_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_scorer(tiny_llama, tmp_path_factory) -> str:
+    """An untrained kvzap scorer (seeded random weights) for the tiny Llama:
+    for tests of where kvzap's scores go, not of what they keep."""
+    from vllm_kvcompress.kvzap.untrained import write_untrained_scorer
+
+    return str(write_untrained_scorer(
+        tiny_llama, tmp_path_factory.mktemp("scorer") / "tiny-untrained.safetensors"))

@@ -46,42 +46,52 @@ def kept_sets(result) -> list:
 
 
 @pytest.fixture(scope="module")
-def cpu_at_rate_8(tiny_llama, tmp_path_factory):
+def cpu_at_rate_8(tiny_llama, tiny_llama_scorer, tmp_path_factory):
     """vLLM's CPU kernels with torch statistics at rate 8, per policy (run once)."""
     runs = {}
 
     def run_policy(policy):
         if policy not in runs:
             runs[policy] = run(tiny_llama, tmp_path_factory.mktemp("cpu"), f"cpu-{policy}",
-                               kept_positions=True, **rate_8(policy))
+                               kept_positions=True, **rate_8(policy, tiny_llama_scorer))
         return runs[policy]
 
     return run_policy
 
 
-def rate_8(policy):
-    return dict(kv_compress_rate=8, kv_compress_policy=policy,
-                kv_compress_protected_window=8, kv_compress_debug=True)
+def rate_8(policy, scorer=None):
+    settings = dict(kv_compress_rate=8, kv_compress_policy=policy,
+                    kv_compress_protected_window=8, kv_compress_debug=True)
+    if policy == "kvzap":
+        settings["kv_compress_scorer"] = scorer
+    return settings
 
 
 @pytest.mark.parametrize("ops, policy", [("triton", "kvcompress"), ("triton", "cake"),
-                                         ("triton", "kvzip"),
+                                         ("triton", "kvzip"), ("triton", "kvzap"),
                                          ("flash-reference", "kvcompress")])
-def test_cuda_path_ops_evict_as_the_cpu_path(tiny_llama, tmp_path, cpu_at_rate_8, ops, policy):
+def test_cuda_path_ops_evict_as_the_cpu_path(tiny_llama, tiny_llama_scorer, tmp_path,
+                                             cpu_at_rate_8, ops, policy):
     """At rate 8 the CUDA path's ops (the Triton statistics kernel scores
-    the window, or the reconstruction kernels run kvzip's pass; Triton or
+    the window, or the reconstruction kernels run kvzip's pass, or kvzap
+    reads the K and V from the row-major pool the Triton ops keep; Triton or
     the FlashAttention view attends, Triton compacts)
     keep, step by step, the same KVs in every head as vLLM's CPU kernels with
     torch statistics, and answer the same. (snapkv differs from kvcompress
     only in the planner, which is the same code on every ops.)"""
     cpu = cpu_at_rate_8(policy)
     ours = run(tiny_llama, tmp_path, f"{ops}-{policy}", ops, kept_positions=True,
-               **rate_8(policy))
+               **rate_8(policy, tiny_llama_scorer))
     assert cpu["evicted"] > 0
-    # kvzip scores by its reconstruction pass (the Triton kernels here), the
-    # others by the observation window (the statistics kernel).
-    scored_by = "reconstruction_tokens" if policy == "kvzip" else "window_slots"
-    assert cpu[scored_by] > 0 and ours[scored_by] == cpu[scored_by]
+    # kvzip scores by its reconstruction pass (the Triton kernels here),
+    # kvzap by neither pass nor window, the others by the observation window
+    # (the statistics kernel).
+    passes = ("reconstruction_tokens", "window_slots")
+    if policy == "kvzap":
+        assert [cpu[k] for k in passes] == [ours[k] for k in passes] == [0, 0]
+    else:
+        scored_by = passes[0] if policy == "kvzip" else passes[1]
+        assert cpu[scored_by] > 0 and ours[scored_by] == cpu[scored_by]
     assert ours["evicted"] == cpu["evicted"]
     assert kept_sets(ours) == kept_sets(cpu)
     assert ours["outputs"] == cpu["outputs"]

@@ -53,7 +53,8 @@ def register_variants(names: list[str]) -> None:
 
 
 def run_task(task: str, length: int, cases_n: int, rates: list[float],
-             policies: list[str], out_dir: Path, name: str | None = None) -> Path:
+             policies: list[str], out_dir: Path, name: str | None = None,
+             scorer: str | None = None) -> Path:
     # About 90,000 tokens of SmolLM2 in float32; a run whose prompts do not
     # fit the prefix cache splits its cases (``case_groups``). vLLM's CPU
     # worker refuses more than its NUMA node has free (7 GiB nodes seen).
@@ -74,6 +75,8 @@ def run_task(task: str, length: int, cases_n: int, rates: list[float],
     cases = TASKS[task](tokenizer, length, cases_n, seed=length)
     engine = dict(model=model, dtype="float32", max_model_len=length + 64,
                   kv_compress_rate=2, max_num_seqs=8)
+    if scorer is not None:  # kvzap's scorer, else the bundled one
+        engine["kv_compress_scorer"] = scorer
     if task == "after":  # the haystack is one chunk, compressed before the question
         engine.update(kv_compress_cascade=True, max_num_seqs=1,
                       max_num_batched_tokens=length - QUESTION_ROOM,
@@ -231,6 +234,7 @@ def main() -> None:
     parser.add_argument("--name", help="results file prefix (default: the task)")
     parser.add_argument("--report", action="store_true",
                         help="only render the tables and plots of earlier runs in --out")
+    parser.add_argument("--scorer", help="kvzap's scorer file (default: the bundled one)")
     args = parser.parse_args()
     out_dir = Path(args.out)
     if not args.report:
@@ -238,7 +242,7 @@ def main() -> None:
             parser.error("--task is required unless --report")
         for length in args.lengths:
             run_task(args.task, length, args.cases, args.rates, args.policies, out_dir,
-                     args.name)
+                     args.name, args.scorer)
     report(out_dir)
 
 

@@ -34,7 +34,7 @@ import pytest
 
 HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"
 MODULES = ("carry_packages", "engine_plan", "model_shape", "bench_report", "engine_bench",
-           "vllm_tree")
+           "engine_job", "vllm_tree")
 
 
 @pytest.fixture
@@ -168,6 +168,22 @@ def test_scripts_parse_their_arguments(script):
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
 
 
+def test_the_plugin_job_writes_the_stand_ins_scorer(harness, tmp_path):
+    """engine_job.py writes the untrained scorer the plugin's engine loads,
+    matching the Llama-8B stand-in's config."""
+    from transformers import AutoConfig
+
+    from vllm_kvcompress.kvzap.scorer_file import load_scorer, mismatches
+
+    model = harness["model_shape"].write_model(tmp_path / "model")
+    path = harness["engine_bench"].scorer_path(model)
+    harness["engine_job"].write_scorer({"untrained_scorer": str(path),
+                                        "engine": {"model": str(model)}})
+    scorer = load_scorer(str(path))
+    assert mismatches(scorer.metadata, AutoConfig.from_pretrained(str(model))) == []
+    assert tuple(scorer.weights.shape) == (32, 8 * (128 - 64 + 128), 8)
+
+
 def test_token_comparison_names_the_first_difference(harness):
     compare = harness["bench_report"].compare_tokens
 
@@ -189,9 +205,8 @@ import json, sys
 spec = json.load(open(sys.argv[1]))
 out = sys.argv[2]
 kind, mode, dtype = spec["kind"], spec["mode"], spec["engine"]["dtype"]
-if kind == "plugin":  # the driver wrote the stand-in's kvzap scorer
-    from vllm_kvcompress.kvzap.scorer_file import load_scorer
-    load_scorer(spec["engine"]["kv_compress_scorer"])
+if kind == "plugin":  # the plugin's job is told to write the scorer it loads
+    assert spec["untrained_scorer"] == spec["engine"]["kv_compress_scorer"]
 if kind == "stock" and mode == "compiled":
     json.dump({"kind": kind, "mode": mode, "started": False}, open(out, "w"))
     sys.exit(1)

@@ -114,12 +114,12 @@ def job_spec(kind: str, mode: str, model: Path, args, *, dtype="bfloat16",
         engine = engine_plan.stock_args(model, mode, **sizing)
     else:
         engine = engine_plan.plugin_args(model, mode, **sizing)
-        if uses_kvzap(args):
-            engine["kv_compress_scorer"] = str(scorer_path(model))
     spec = {"kind": kind, "mode": mode, "engine": engine,
             "env": engine_plan.env_for(kind, mode), "weights": args.weights,
             "exact": {"lengths": args.exact_lengths, "max_tokens": args.exact_tokens},
             "warmups": [], "workloads": []}
+    if kind == "plugin" and uses_kvzap(args):  # written by the plugin's own job
+        engine["kv_compress_scorer"] = spec["untrained_scorer"] = str(scorer_path(model))
     if throughput:
         # Two full-length prompts, a few tokens: Triton JIT and compression
         # kernels are compiled before any clock starts.
@@ -255,10 +255,6 @@ def main(argv=None) -> None:
         print(json.dumps(plan, indent=1))
         return
     model = model_shape.write_model(Path(tempfile.mkdtemp(prefix="llama-8b-shape-")))
-    if uses_kvzap(args):
-        from vllm_kvcompress.kvzap.untrained import write_untrained_scorer
-
-        write_untrained_scorer(model, scorer_path(model))
     run = Run(args)
     run.report["environment"] = environment()
     run.save()

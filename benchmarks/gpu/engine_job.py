@@ -10,7 +10,8 @@ read between steps.
     python benchmarks/gpu/engine_job.py SPEC.json REPORT.json
 SPEC: kind ("stock" or "plugin"), mode, engine (LLM keyword arguments), env,
 weights ("dummy" or "normal"), exact ({lengths, max_tokens}), warmups and
-workloads (each {name, prompts, input_len, output_len, extra_args}).
+workloads (each {name, prompts, input_len, output_len, extra_args}), and
+untrained_scorer (a path: kvzap's scorer for the stand-in, written here).
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ def normal_weights(model) -> int:
             else:
                 p.zero_()
     return len(params)
+
+
+def write_scorer(spec: dict) -> None:
+    """The stand-in's untrained kvzap scorer, written in the plugin's own
+    process: the driver never imports the plugin, so a plugin that fails to
+    import cannot cost stock's figures."""
+    path = spec.get("untrained_scorer")
+    if path and not Path(path).exists():
+        from vllm_kvcompress.kvzap.untrained import write_untrained_scorer
+
+        write_untrained_scorer(spec["engine"]["model"], path)
 
 
 def engine_facts(llm) -> dict:
@@ -163,6 +175,8 @@ def main(spec_path: str, report_path: str) -> None:
     save()
     if spec["kind"] == "plugin":
         import vllm_kvcompress  # noqa: F401  (the LLM(kv_compress_rate=...) keyword)
+
+        write_scorer(spec)
     from vllm import LLM
 
     log(f"{spec['kind']}: starting the engine in mode {spec['mode']}")
